@@ -1,0 +1,108 @@
+"""The dataset contract: the registry, the metadata each entry carries, and the in-memory
+dataset most loaders return.
+
+A dataset is a registered factory::
+
+    make(split, *, root=None, image_size=None, seed=0, **options) -> ImageDataset
+
+yielding dicts with ``image`` (C, H, W float32 in [0, 1]), ``label`` (int), ``id`` (str)
+and, where the data has them, ``mask`` (lesion, H x W bool) and ``organ_mask``. Images stay
+on the [0, 1] scale: each model normalizes its input itself, so perturbations and attacks
+are defined on the image scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from benchmarks.errors import UserError
+from benchmarks.registry import Registry
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Metadata of a registered dataset.
+
+    source: "synthetic" (generated from a seed, always available) or "real" (read from a
+        directory the user names: ``--data-root``, a suite entry, or ``root_env``).
+    masks: the items carry lesion masks (``mask``); organ_masks: they carry ``organ_mask``.
+    root_env: environment variable naming the data directory, for real data.
+    how_to_get: one line telling a user how to obtain the data.
+    """
+
+    source: Literal["synthetic", "real"] = "synthetic"
+    masks: bool = False
+    organ_masks: bool = False
+    root_env: str | None = None
+    how_to_get: str = ""
+    version: int = 1
+
+
+DATASETS: Registry[DatasetInfo] = Registry("dataset", DatasetInfo)
+
+
+class ImageDataset(Dataset):
+    """A labelled image dataset with the attributes the harness reads.
+
+    Subclasses set ``class_names``, ``channels`` and implement ``__len__``/``__getitem__``.
+    """
+
+    class_names: tuple[str, ...] = ()
+    channels: int = 1
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class ArrayDataset(ImageDataset):
+    """An in-memory dataset: images (N, C, H, W) float32 in [0, 1], labels (N,), ids, masks."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        ids: list[str],
+        class_names: tuple[str, ...],
+        *,
+        masks: torch.Tensor | None = None,
+        organ_masks: torch.Tensor | None = None,
+        name: str = "dataset",
+    ):
+        n = images.shape[0]
+        if n == 0:
+            raise UserError(f"{name}: the split is empty; check the data directory and split name")
+        assert images.dim() == 4 and labels.shape == (n,) and len(ids) == n
+        assert masks is None or masks.shape == (n, *images.shape[-2:])
+        self.images = images.float().contiguous()
+        self.labels = labels.long()
+        self.ids = list(ids)
+        self.masks = None if masks is None else masks.bool()
+        self.organ_masks = None if organ_masks is None else organ_masks.bool()
+        self.class_names = tuple(class_names)
+        self.channels = images.shape[1]
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"image": self.images[i], "label": int(self.labels[i]), "id": self.ids[i]}
+        if self.masks is not None:
+            item["mask"] = self.masks[i]
+        if self.organ_masks is not None:
+            item["organ_mask"] = self.organ_masks[i]
+        return item
+
+
+def check_split(split: str, name: str) -> str:
+    if split not in SPLITS:
+        raise UserError(f"{name}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return split
