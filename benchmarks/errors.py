@@ -22,3 +22,9 @@ class UnknownNameError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class DataNotFound(UserError):
+    """Real data the suite names is not where the user pointed (or nowhere was named).
+
+    The runner skips that dataset and says so, unless ``--strict`` makes it an error."""

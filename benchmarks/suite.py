@@ -1,0 +1,251 @@
+"""Suites: versioned TOML files naming the models, datasets, methods and metrics to cross.
+
+A suite file::
+
+    name = "smoke"
+    version = 1
+    seed = 0
+    include = ["other.toml"]        # optional; merged first, this file wins
+
+    [eval]                           # see EvalConfig
+    max_images = 32
+    [train]                          # see benchmarks.training.TrainConfig
+    epochs = 8
+
+    [models.gapcnn]                  # label = registry name unless `use` says otherwise
+    layer = "features"               # target layer for the methods (default: the zoo's)
+    [datasets.synth-lesion]
+    image_size = 32
+    [methods.gradcam]
+    [metrics.aopc-xray]
+    use = "aopc_morf"                # a second entry of one metric with other options
+    region = 34
+
+Every key is checked: an unknown key or option is an error naming the file, the key and
+the close matches. Options are checked against the keyword-only parameters of the
+registered callable they go to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from benchmarks.errors import UserError
+from benchmarks.registry import Registry, close_matches
+from benchmarks.training import TrainConfig
+
+SUITES_DIR = Path(__file__).parent / "suites"
+TOP_KEYS = ("name", "version", "description", "seed", "include", "eval", "train", "models", "datasets", "methods", "metrics")
+KINDS = ("models", "datasets", "methods", "metrics")
+MODEL_KEYS = ("layer", "checkpoint")  # model entry keys that are not builder options
+# Parameters the pipeline passes itself, never options of a suite entry.
+RESERVED = {
+    "methods": {"model", "x", "target", "layer"},
+    "metrics": {"ctx"},
+    "datasets": {"split", "root", "seed"},
+    "models": {"in_channels", "num_classes"},
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How the evaluation set is drawn and batched.
+
+    split: dataset split to explain; max_images: images per (model, dataset), drawn with
+    the suite seed; batch_size: images per explanation batch; forward_batch: images per
+    forward pass inside metrics; target: "predicted" class or the "label".
+    """
+
+    split: str = "test"
+    max_images: int = 64
+    batch_size: int = 32
+    forward_batch: int = 256
+    target: str = "predicted"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One entry of a suite: its label in the results, the registry name it uses, options."""
+
+    label: str
+    use: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    version: int
+    description: str
+    seed: int
+    eval: EvalConfig
+    train: TrainConfig
+    models: tuple[Component, ...]
+    datasets: tuple[Component, ...]
+    methods: tuple[Component, ...]
+    metrics: tuple[Component, ...]
+    source: str = ""
+
+    def resolved(self) -> dict[str, Any]:
+        """The suite as plain data, after includes, defaults and filters."""
+        comp = lambda cs: {c.label: {"use": c.use, **c.options} for c in cs}  # noqa: E731
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "seed": self.seed,
+            "eval": asdict(self.eval),
+            "train": asdict(self.train),
+            **{kind: comp(getattr(self, kind)) for kind in KINDS},
+        }
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def registries() -> dict[str, Registry]:
+    from benchmarks.zoo import MODELS
+    from cams import METHODS
+    from datasets import DATASETS
+    from metrics import METRICS
+
+    return {"models": MODELS, "datasets": DATASETS, "methods": METHODS, "metrics": METRICS}
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+
+
+def suite_path(name_or_path: str) -> Path:
+    """A suite name (a file in benchmarks/suites) or a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise UserError(f"suite file {path} does not exist")
+        return path
+    candidate = SUITES_DIR / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    names = available_suites()
+    hint = close_matches(name_or_path, names)
+    raise UserError(
+        f"Unknown suite {name_or_path!r}." + (f" Did you mean: {', '.join(hint)}?" if hint else "")
+        + f" Available: {', '.join(names)} (or give a path to a .toml file)"
+    )
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"suite file {path}: include cycle through {' -> '.join(str(p) for p in seen)}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"suite file {path}: not valid TOML ({exc})") from None
+    _check_keys(path, "top level", data, TOP_KEYS)
+    merged: dict[str, Any] = {}
+    includes = data.get("include", [])
+    for inc in [includes] if isinstance(includes, str) else includes:
+        _merge(merged, _read((path.parent / inc) if not Path(inc).is_absolute() else Path(inc), (*seen, path)))
+    _merge(merged, {k: v for k, v in data.items() if k != "include"})
+    merged.setdefault("_files", []).append(str(path))
+    return merged
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        elif key == "_files":
+            into.setdefault("_files", []).extend(value)
+        else:
+            into[key] = value
+
+
+def _check_keys(path: Path | str, where: str, data: dict, allowed) -> None:
+    for key in data:
+        if key not in allowed:
+            hint = close_matches(key, allowed)
+            raise UserError(
+                f"suite file {path}: unknown key {key!r} in {where}."
+                + (f" Did you mean: {', '.join(hint)}?" if hint else "")
+                + f" Allowed: {', '.join(allowed)}"
+            )
+
+
+def option_names(fn, kind: str) -> list[str]:
+    """Keyword options a registered callable accepts (its parameters minus the pipeline's)."""
+    params = inspect.signature(fn).parameters
+    return [n for n, p in params.items() if n not in RESERVED[kind] and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _components(path: str, kind: str, table: dict[str, Any], reg: Registry) -> tuple[Component, ...]:
+    out = []
+    for label, opts in table.items():
+        if not isinstance(opts, dict):
+            raise UserError(f"suite file {path}: [{kind}.{label}] must be a table of options, got {opts!r}")
+        opts = dict(opts)
+        use = opts.pop("use", label)
+        entry = reg.get(use)  # unknown names raise with close matches
+        allowed = option_names(entry.obj, kind) + (list(MODEL_KEYS) if kind == "models" else [])
+        _check_keys(path, f"[{kind}.{label}] (options of {reg.kind} {entry.name!r})", opts, allowed)
+        out.append(Component(label=label, use=entry.name, options=opts))
+    return tuple(out)
+
+
+def _config(path: str, name: str, cls, data: dict[str, Any]):
+    allowed = [f.name for f in fields(cls)]
+    _check_keys(path, f"[{name}]", data, allowed)
+    return cls(**data)
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """Read, merge and validate a suite; unknown names and keys are errors with close matches."""
+    path = suite_path(name_or_path)
+    data = _read(path)
+    where = str(path)
+    regs = registries()
+    try:
+        return Suite(
+            name=str(data.get("name", path.stem)),
+            version=int(data.get("version", 1)),
+            description=str(data.get("description", "")),
+            seed=int(data.get("seed", 0)),
+            eval=_config(where, "eval", EvalConfig, data.get("eval", {})),
+            train=_config(where, "train", TrainConfig, data.get("train", {})),
+            **{kind: _components(where, kind, data.get(kind, {}), regs[kind]) for kind in KINDS},
+            source=", ".join(data.get("_files", [])),
+        )
+    except UserError as exc:
+        if where in str(exc):
+            raise
+        raise UserError(f"suite file {where}: {exc}") from None
+
+
+def filter_suite(suite: Suite, **patterns: list[str] | None) -> Suite:
+    """Keep the entries whose label matches any of the wildcard patterns, per kind."""
+    import dataclasses
+    import fnmatch
+
+    changes = {}
+    for kind, pats in patterns.items():
+        if not pats:
+            continue
+        comps = getattr(suite, kind)
+        labels = [c.label for c in comps]
+        for pat in pats:
+            if not any(fnmatch.fnmatchcase(lab, pat) for lab in labels):
+                hint = close_matches(pat, labels)
+                raise UserError(
+                    f"--{kind} {pat!r} matches no {kind[:-1]} of suite {suite.name!r}."
+                    + (f" Did you mean: {', '.join(hint)}?" if hint else "")
+                    + f" The suite has: {', '.join(labels)}"
+                )
+        changes[kind] = tuple(c for c in comps if any(fnmatch.fnmatchcase(c.label, p) for p in pats))
+    return dataclasses.replace(suite, **changes)

@@ -1,0 +1,295 @@
+"""Shared reading helpers for the real-data loaders: where the data is, and how a file
+becomes an image or a mask array.
+
+Every real dataset resolves its files under one *data root* (``--data-root``, a suite
+entry, or the ``CAMBENCH_DATA_ROOT`` environment variable), e.g. ``root/ph2/`` or
+``root/pneumoniamnist.npz``; ``root`` may also point straight at the dataset's own folder or
+file. Images are read with PIL and converted to the wanted channels (RGB, RGBA, palette and
+16-bit grey all become 8-bit ``L`` or ``RGB``; alpha is dropped, not composited), then
+resized (bilinear, antialiased by PIL on downscaling) to ``image_size``; masks are resized
+with nearest neighbour so they stay binary and the lesion does not grow or shrink.
+
+``fit`` says how a picture of another aspect ratio meets the target size: ``"stretch"``
+resizes both sides independently (aspect not kept; no pixel is lost), ``"pad"`` scales the
+long side to fit and pads the rest with black (aspect kept; the mask is padded with
+background).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from benchmarks.errors import UserError
+
+DATA_ROOT_ENV = "CAMBENCH_DATA_ROOT"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+Fit = Literal["stretch", "pad"]
+Size = tuple[int, int]
+
+
+def as_size(image_size: int | Iterable[int] | None, *, name: str) -> Size | None:
+    """``image_size`` as (height, width): an int means a square; None keeps the native size."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, int | np.integer):
+        size = (int(image_size), int(image_size))
+    else:
+        size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise UserError(
+            f"{name}: image_size={image_size!r} must be a positive int or (height, width)"
+        )
+    return size  # type: ignore[return-value]
+
+
+def check_fit(fit: str, *, name: str) -> Fit:
+    if fit not in ("stretch", "pad"):
+        raise UserError(f"{name}: fit={fit!r} is not known; use 'stretch' or 'pad'")
+    return fit  # type: ignore[return-value]
+
+
+def check_channels(channels: int, *, name: str) -> int:
+    if channels not in (1, 3):
+        raise UserError(f"{name}: channels={channels!r}; use 1 (grey) or 3 (RGB)")
+    return channels
+
+
+def locate(
+    root: str | os.PathLike | None,
+    *,
+    name: str,
+    candidates: Iterable[str],
+    is_own: Callable[[Path], bool],
+    expected: str,
+    how_to_get: str,
+) -> Path:
+    """The dataset's folder or file: ``root/<candidate>`` for the first candidate that exists,
+    or ``root`` itself when ``is_own(root)`` says it already is the dataset.
+
+    ``root`` None reads ``$CAMBENCH_DATA_ROOT``. Anything missing raises a UserError naming
+    the path, what was expected there, and how to get the data.
+    """
+    candidates = list(candidates)
+    if root is None or str(root) == "":
+        root = os.environ.get(DATA_ROOT_ENV) or None
+        if root is None:
+            raise UserError(
+                f"{name}: no data directory given; pass --data-root DIR (or root=DIR) or set "
+                f"{DATA_ROOT_ENV}, where DIR holds {expected}. {how_to_get}"
+            )
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"{name}: data directory {str(path)!r} does not exist; it should hold {expected}. "
+            f"{how_to_get}"
+        )
+    if is_own(path):
+        return path
+    for cand in candidates:
+        if (path / cand).exists():
+            return path / cand
+    if not candidates:
+        raise UserError(f"{name}: {str(path)!r} is not {expected}. {how_to_get}")
+    raise UserError(
+        f"{name}: {str(path)!r} holds none of {', '.join(repr(c) for c in candidates)}; "
+        f"expected {expected}. {how_to_get}"
+    )
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and decode an image file fully, so a corrupt file fails here with its name."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise UserError(f"image file {str(path)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(
+            f"cannot read image file {str(path)!r} ({type(err).__name__}: {err}); "
+            "the file is corrupt or not an image: replace it or remove it"
+        ) from None
+
+
+def _to_8bit(img: Image.Image, path: object) -> Image.Image:
+    """Bring 16/32-bit integer grey to 8-bit ``L`` (top 8 of 16 bits); 8-bit modes pass."""
+    if img.mode.startswith("I"):
+        arr = np.asarray(img, dtype=np.float64)
+        # PIL opens 16-bit PNGs as "I;16" or "I": both hold 0..65535
+        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L")
+    if img.mode == "F":
+        raise UserError(
+            f"image {path}: floating-point images are not supported; save it as 8- or 16-bit PNG"
+        )
+    return img
+
+
+def _geometry(src: Size, size: Size | None, fit: Fit) -> tuple[Size, Size]:
+    """(resized height, width) and (top, left) offset of the pasted picture on the canvas."""
+    if size is None:
+        return src, (0, 0)
+    if fit == "stretch":
+        return size, (0, 0)
+    scale = min(size[0] / src[0], size[1] / src[1])
+    inner = (max(1, round(src[0] * scale)), max(1, round(src[1] * scale)))
+    return inner, ((size[0] - inner[0]) // 2, (size[1] - inner[1]) // 2)
+
+
+def _place(img: Image.Image, size: Size | None, fit: Fit, resample: int) -> Image.Image:
+    src = (img.height, img.width)
+    inner, (top, left) = _geometry(src, size, fit)
+    if inner != src:
+        img = img.resize((inner[1], inner[0]), resample=resample)
+    if size is None or inner == size:
+        return img
+    canvas = Image.new(img.mode, (size[1], size[0]), 0)
+    canvas.paste(img, (left, top))
+    return canvas
+
+
+def prepare_image(
+    img: Image.Image, *, channels: int, size: Size | None, fit: Fit = "stretch", path: object = ""
+) -> np.ndarray:
+    """A PIL image as uint8 (C, H, W) with ``channels`` channels at ``size`` (bilinear)."""
+    img = _to_8bit(img, path)
+    img = img.convert("L" if channels == 1 else "RGB")
+    img = _place(img, size, fit, Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def prepare_mask(
+    img: Image.Image, *, size: Size | None, fit: Fit = "stretch", path: object = ""
+) -> np.ndarray:
+    """A PIL mask as bool (H, W) at ``size``: foreground is grey level > 127, nearest resize."""
+    img = _to_8bit(img, path).convert("L")
+    binary = img.point(lambda v: 255 if v > 127 else 0)
+    binary = _place(binary, size, fit, Image.Resampling.NEAREST)
+    return np.asarray(binary, dtype=np.uint8) > 127
+
+
+def read_image(
+    path: Path, *, channels: int, size: Size | None, fit: Fit = "stretch"
+) -> tuple[np.ndarray, Size]:
+    """Read an image file as uint8 (C, H, W) and its native (height, width); a corrupt file
+    is a UserError naming it."""
+    img = open_image(path)
+    arr = prepare_image(img, channels=channels, size=size, fit=fit, path=path)
+    return arr, (img.height, img.width)
+
+
+def read_masks(
+    paths: Iterable[Path], *, size: Size | None, fit: Fit = "stretch", image_hw: Size
+) -> np.ndarray:
+    """The union of one image's mask files as bool (H, W) at ``size``.
+
+    Every mask must have the image's native size (``image_hw``): a mask of another size is
+    misaligned, and resizing it would hide the error.
+    """
+    union: np.ndarray | None = None
+    for path in paths:
+        img = open_image(path)
+        if (img.height, img.width) != tuple(image_hw):
+            raise UserError(
+                f"mask {str(path)!r} is {img.height}x{img.width} but its image is "
+                f"{image_hw[0]}x{image_hw[1]}; masks must match their image pixel for pixel"
+            )
+        mask = prepare_mask(img, size=size, fit=fit, path=path)
+        union = mask if union is None else union | mask
+    assert union is not None, "read_masks needs at least one path"
+    return union
+
+
+def file_fingerprint(paths: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime) of each file: a cache key that changes when a file changes."""
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append((str(p), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def is_image_file(path: Path) -> bool:
+    return (
+        path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled image file of a dataset, with its lesion mask files.
+
+    ``masks`` None means masks are not read; a tuple (possibly of several files, whose union
+    is the lesion) means they are.
+    """
+
+    id: str
+    label: int
+    image: Path
+    masks: tuple[Path, ...] | None = None
+
+
+def load_records(
+    records: Sequence[Record], *, channels: int, size: Size | None, fit: Fit, name: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images uint8 (N, C, H, W) and masks bool (N, H, W) (or None) of ``records``.
+
+    Read once per process: the result is cached under the records, the files' sizes and
+    modification times, and the reading options, so a changed file is read again and a
+    failed read caches nothing.
+    """
+    records = tuple(records)
+    files = [r.image for r in records] + [m for r in records for m in (r.masks or ())]
+    return _load_records_cached(records, file_fingerprint(files), channels, size, fit, name)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_records_cached(
+    records: tuple[Record, ...],
+    fingerprint: tuple[tuple[str, int, int], ...],
+    channels: int,
+    size: Size | None,
+    fit: Fit,
+    name: str,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    del fingerprint  # part of the cache key only
+
+    def read_one(rec: Record) -> tuple[np.ndarray, Size, np.ndarray | None]:
+        arr, hw = read_image(rec.image, channels=channels, size=size, fit=fit)
+        mask = None
+        if rec.masks is not None:
+            mask = read_masks(rec.masks, size=size, fit=fit, image_hw=hw)
+        return arr, hw, mask
+
+    assert len({r.masks is None for r in records}) <= 1, "masks for all records or none"
+    # PIL decodes without the GIL: a few threads read a folder of PNGs/JPEGs ~2x faster
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        loaded = list(pool.map(read_one, records))
+    images = [a for a, _, _ in loaded]
+    native = [hw for _, hw, _ in loaded]
+    masks = [m for _, _, m in loaded if m is not None]
+    shapes = {a.shape for a in images}
+    if len(shapes) > 1:
+        sizes = sorted({f"{h}x{w}" for h, w in native})
+        raise UserError(
+            f"{name}: images have different sizes ({', '.join(sizes[:5])}, ...); pass "
+            "image_size=N (or image_size=(H, W)) to resize them to one size"
+        )
+    stacked = np.stack(images) if images else np.zeros((0, channels, 1, 1), np.uint8)
+    stacked.setflags(write=False)  # shared by every caller: nobody may change it in place
+    mask_arr = None
+    if masks:
+        mask_arr = np.stack(masks)
+        mask_arr.setflags(write=False)
+    return stacked, mask_arr

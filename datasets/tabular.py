@@ -1,0 +1,286 @@
+"""Image datasets listed in a CSV table (one row per image: its file, label and optional
+mask), split stratified and seeded unless the table names the split; the ``csv`` dataset
+and ``ph2``, a thin registration on top of it.
+
+Image and mask paths come from a column (``image_col``, ``mask_col``) or from a pattern
+over the row's columns (``image_pattern="images/{image_id}.jpg"``), relative to
+``base_dir`` (default: the table's folder). Labels are integers (class names ``"0"``,
+``"1"``, ... unless ``class_names`` are given) or strings (class names sorted, or in the
+order ``class_names`` gives). Every cell is read as text, so ids like ``007`` keep their
+zeros.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.errors import UserError
+from datasets._io import DATA_ROOT_ENV, Record, as_size, check_channels, check_fit, locate
+from datasets._split import DEFAULT_FRACTIONS, split_dataset
+from datasets.base import DATASETS, SPLITS, ArrayDataset
+
+
+def read_table(path: Path, *, name: str) -> pd.DataFrame:
+    """The CSV at ``path`` with every cell as a string; an unreadable or empty table is a
+    UserError naming it."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise UserError(f"{name}: cannot read the table {str(path)!r} ({err})") from None
+    if table.empty:
+        raise UserError(f"{name}: the table {str(path)!r} has no rows; expected one row per image")
+    return table
+
+
+def _need_columns(table: pd.DataFrame, columns: Sequence[str], *, path: Path, name: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(
+            f"{name}: the table {str(path)!r} has no column {', '.join(map(repr, missing))}; "
+            f"its columns are: {', '.join(table.columns)}"
+        )
+
+
+def _pattern_fields(pattern: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(pattern) if f]
+
+
+def _paths(
+    table: pd.DataFrame, col: str | None, pattern: str | None, *, what: str, path: Path, name: str
+) -> list[str] | None:
+    """One path per row from a column or a ``str.format`` pattern over the row."""
+    if col is not None and pattern is not None:
+        raise UserError(f"{name}: give either {what}_col or {what}_pattern, not both")
+    if col is not None:
+        _need_columns(table, [col], path=path, name=name)
+        return table[col].tolist()
+    if pattern is not None:
+        _need_columns(table, _pattern_fields(pattern), path=path, name=name)
+        return [pattern.format(**row) for row in table.to_dict("records")]
+    return None
+
+
+def _labels(
+    values: list[str], class_names: Sequence[str] | None, *, path: Path, name: str
+) -> tuple[list[int], tuple[str, ...]]:
+    """Integer labels and class names from a label column's text."""
+    if all(v.strip().lstrip("-").isdigit() for v in values):
+        labels = [int(v) for v in values]
+        names = (
+            tuple(class_names)
+            if class_names is not None
+            else tuple(str(k) for k in range(max(labels) + 1))
+        )
+        bad = sorted({v for v in labels if not 0 <= v < len(names)})
+        if bad:
+            raise UserError(
+                f"{name}: labels {bad} in {str(path)!r} are outside 0..{len(names) - 1} "
+                f"(class names: {', '.join(names)})"
+            )
+        return labels, names
+    names = tuple(class_names) if class_names is not None else tuple(sorted(set(values)))
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise UserError(
+            f"{name}: labels {unknown} in {str(path)!r} are not among class_names "
+            f"{', '.join(names)}"
+        )
+    return [names.index(v) for v in values], names
+
+
+def load_table(
+    split: str,
+    manifest: Path,
+    *,
+    image_size: int | Sequence[int] | None,
+    seed: int,
+    image_col: str | None = None,
+    image_pattern: str | None = None,
+    label_col: str = "label",
+    mask_col: str | None = None,
+    mask_pattern: str | None = None,
+    id_col: str | None = None,
+    split_col: str | None = None,
+    base_dir: Path | None = None,
+    class_names: Sequence[str] | None = None,
+    channels: int = 3,
+    fit: str = "stretch",
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    name: str = "csv",
+) -> ArrayDataset:
+    """The shared builder: read the table, resolve every file, read them once, return one
+    split."""
+    table = read_table(manifest, name=name)
+    base = manifest.parent if base_dir is None else base_dir
+    images = _paths(table, image_col, image_pattern, what="image", path=manifest, name=name)
+    if images is None:
+        raise UserError(f"{name}: give image_col (a column of image paths) or image_pattern")
+    mask_paths = _paths(table, mask_col, mask_pattern, what="mask", path=manifest, name=name)
+    _need_columns(table, [label_col, *([id_col] if id_col else [])], path=manifest, name=name)
+    labels, names = _labels(table[label_col].tolist(), class_names, path=manifest, name=name)
+    ids = table[id_col].tolist() if id_col else [Path(p).stem for p in images]
+    records = []
+    for k, (rid, label, rel) in enumerate(zip(ids, labels, images, strict=True)):
+        image = base / rel
+        if not rel or not image.is_file():
+            raise UserError(
+                f"{name}: image {str(image)!r} (row {k + 2} of {str(manifest)!r}) does not exist"
+            )
+        masks = None
+        if mask_paths is not None:
+            mask = base / mask_paths[k]
+            if not mask_paths[k] or not mask.is_file():
+                raise UserError(
+                    f"{name}: image {str(image)!r} has no mask: {str(mask)!r} does not exist "
+                    f"(row {k + 2} of {str(manifest)!r})"
+                )
+            masks = (mask,)
+        records.append(Record(id=rid, label=label, image=image, masks=masks))
+    given = None
+    if split_col is not None:
+        _need_columns(table, [split_col], path=manifest, name=name)
+        given = table[split_col].tolist()
+        odd = sorted(set(given) - set(SPLITS))
+        if odd:
+            raise UserError(
+                f"{name}: split column {split_col!r} of {str(manifest)!r} holds {odd}; "
+                f"use {', '.join(SPLITS)}"
+            )
+    return split_dataset(
+        records,
+        split=split,
+        class_names=names,
+        channels=check_channels(channels, name=name),
+        size=as_size(image_size, name=name),
+        fit=check_fit(fit, name=name),
+        seed=seed,
+        fractions=fractions,
+        name=name,
+        source=manifest,
+        given_split=given,
+    )
+
+
+@DATASETS.register(
+    "csv",
+    source="real",
+    masks=False,
+    root_env=DATA_ROOT_ENV,
+    how_to_get="Write a CSV with one row per image (path, label, optional mask) and pass it.",
+)
+def csv(
+    split: str,
+    *,
+    root: str | Path | None = None,
+    image_size: int | Sequence[int] | None = None,
+    seed: int = 0,
+    manifest: str | Path | None = None,
+    image_col: str | None = "image",
+    image_pattern: str | None = None,
+    label_col: str = "label",
+    mask_col: str | None = None,
+    mask_pattern: str | None = None,
+    id_col: str | None = None,
+    split_col: str | None = None,
+    base_dir: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+    channels: int = 3,
+    fit: str = "stretch",
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> ArrayDataset:
+    """Images listed in a CSV (path, label, optional mask), split by seed or a split column.
+
+    ``manifest`` is the table, relative to ``root`` unless absolute; ``root`` may also be the
+    table itself. Paths in the table are relative to ``base_dir`` (relative to the table's
+    folder; default that folder). ``image_pattern`` replaces ``image_col`` (set
+    ``image_col=None``) to build paths from other columns. Ids are ``id_col`` or the image
+    file's stem. ``image_size`` None keeps the native size, which must then be one size.
+    """
+    if image_pattern is not None:
+        image_col = None
+    if manifest is not None and Path(manifest).expanduser().is_absolute():
+        root, manifest = Path(manifest).expanduser(), None
+    path = locate(
+        root,
+        name="csv",
+        candidates=[str(manifest)] if manifest is not None else [],
+        is_own=lambda p: p.is_file(),
+        expected="the CSV table named by manifest=..." if manifest else "a CSV table",
+        how_to_get=DATASETS.get("csv").info.how_to_get,
+    )
+    return load_table(
+        split,
+        path,
+        image_size=image_size,
+        seed=seed,
+        image_col=image_col,
+        image_pattern=image_pattern,
+        label_col=label_col,
+        mask_col=mask_col,
+        mask_pattern=mask_pattern,
+        id_col=id_col,
+        split_col=split_col,
+        base_dir=None if base_dir is None else path.parent / Path(base_dir).expanduser(),
+        class_names=class_names,
+        channels=channels,
+        fit=fit,
+        fractions=fractions,
+    )
+
+
+PH2_CLASSES = ("common_nevus", "atypical_nevus", "melanoma")
+PH2_SIZE = 128
+PH2_HOW_TO_GET = (
+    "Request PH2 from https://www.fc.up.pt/addi/ph2%20database.html (free for research) and "
+    "arrange it as DIR/ph2/labels.csv (image_id,label), DIR/ph2/images/<id>.jpg and "
+    "DIR/ph2/masks/<id>_lesion.png."
+)
+
+
+@DATASETS.register(
+    "ph2", source="real", masks=True, root_env=DATA_ROOT_ENV, how_to_get=PH2_HOW_TO_GET
+)
+def ph2(
+    split: str,
+    *,
+    root: str | Path | None = None,
+    image_size: int | Sequence[int] | None = None,
+    seed: int = 0,
+    channels: int = 3,
+    masks: bool = True,
+    fit: str = "stretch",
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> ArrayDataset:
+    """PH2 dermoscopy (common nevus/atypical nevus/melanoma) with lesion masks, seeded split.
+
+    ``root`` holds ``ph2/`` or is that folder (``labels.csv``, ``images/<id>.jpg``,
+    ``masks/<id>_lesion.png``). ``image_size`` None means 128 x 128 (the 4:3 frame is
+    stretched unless ``fit="pad"``). Ids are the image ids (``IMD002``).
+    """
+    folder = locate(
+        root,
+        name="ph2",
+        candidates=["ph2"],
+        is_own=lambda p: (p / "labels.csv").is_file(),
+        expected="the ph2 folder with labels.csv, images/ and masks/",
+        how_to_get=PH2_HOW_TO_GET,
+    )
+    return load_table(
+        split,
+        folder / "labels.csv",
+        image_size=PH2_SIZE if image_size is None else image_size,
+        seed=seed,
+        image_pattern="images/{image_id}.jpg",
+        label_col="label",
+        mask_pattern="masks/{image_id}_lesion.png" if masks else None,
+        id_col="image_id",
+        class_names=PH2_CLASSES,
+        channels=channels,
+        fit=fit,
+        fractions=fractions,
+        name="ph2",
+    )

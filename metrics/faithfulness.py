@@ -1,0 +1,143 @@
+"""Perturbation-curve faithfulness: AOPC over MoRF and LeRF curves, and ABPC (Samek et al.
+2017; Schulz et al. 2020).
+
+The image is cut into square regions of ``region`` pixels on a grid (edge regions are
+cut short where the size does not divide the image); a region's relevance is the sum of
+the map over it. MoRF perturbs regions in decreasing relevance, LeRF in increasing. Step k
+of the curve is the image with its first k regions perturbed: the perturbation function
+is applied to the whole image once and revealed region by region, so each region keeps
+the values it was given. With f the explained class's score (logit by default),
+
+    AOPC = 1/(L+1) * sum_{k=1..L} [f(x^(0)) - f(x^(k))]
+
+per image; the mean over images is the aggregation step. The B x L perturbed images are
+one stream of forwards of ``ctx.batch_size`` images under ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.errors import UserError
+from metrics.base import METRICS, MetricContext, Scores, class_score
+from metrics.perturbations import get_perturbation
+
+Order = Literal["morf", "lerf"]
+
+
+def region_ranks(maps: torch.Tensor, region: int, order: Order = "morf") -> tuple[torch.Tensor, int]:
+    """For maps (B, H, W): the rank (0 first) at which each pixel's region is perturbed, and
+    the number of regions. Ties keep grid (raster) order, so ranks are deterministic."""
+    if region < 1:
+        raise UserError(f"region must be a positive number of pixels, got {region}")
+    b, h, w = maps.shape
+    nh, nw = math.ceil(h / region), math.ceil(w / region)
+    padded = F.pad(maps.float(), (0, nw * region - w, 0, nh * region - h))
+    relevance = padded.reshape(b, nh, region, nw, region).sum(dim=(2, 4)).reshape(b, nh * nw)
+    key = -relevance if order == "morf" else relevance
+    order_idx = torch.sort(key, dim=1, stable=True).indices
+    ranks = torch.argsort(order_idx, dim=1)  # region id -> rank
+    rows = torch.arange(h, device=maps.device) // region
+    cols = torch.arange(w, device=maps.device) // region
+    region_id = (rows[:, None] * nw + cols[None, :]).reshape(-1)
+    return ranks[:, region_id].reshape(b, h, w), nh * nw
+
+
+def perturbation_curve(
+    ctx: MetricContext,
+    *,
+    order: Order,
+    region: int,
+    steps: int | None,
+    perturbation: str,
+    perturbation_options: dict | None,
+    score: str,
+) -> np.ndarray:
+    """Scores f(x^(k)) for k = 0..L, as (B, L+1)."""
+    ranks, n_regions = region_ranks(ctx.maps.to(ctx.device), region, order)
+    n_steps = n_regions if steps is None else min(int(steps), n_regions)
+    if n_steps < 1:
+        raise UserError(f"steps must be >= 1, got {steps}")
+    perturb = get_perturbation(perturbation, **(perturbation_options or {}))
+    gens = [ctx.generator(i, salt=f"perturb:{perturbation}") for i in range(len(ctx.ids))]
+    x = ctx.x
+    perturbed = perturb(x, gens)
+
+    def stream():
+        for k in range(1, n_steps + 1):
+            yield torch.where((ranks < k)[:, None], perturbed, x)
+
+    logits = ctx.predict(stream())
+    b = x.shape[0]
+    stepped = class_score(logits, ctx.target.repeat(n_steps), score).reshape(n_steps, b).T
+    f0 = class_score(ctx.logits, ctx.target, score)[:, None]
+    return torch.cat([f0, stepped], dim=1).float().cpu().numpy()
+
+
+def _aopc(curve: np.ndarray) -> np.ndarray:
+    return (curve[:, :1] - curve[:, 1:]).sum(axis=1) / curve.shape[1]
+
+
+def _only_correct(ctx: MetricContext, values: np.ndarray) -> np.ndarray:
+    wrong = (ctx.logits.argmax(1) != ctx.labels).cpu().numpy()
+    return np.where(wrong, np.nan, values)
+
+
+def _aopc_metric(order: Order):
+    def metric(
+        ctx: MetricContext,
+        *,
+        region: int = 8,
+        steps: int | None = None,
+        perturbation: str = "gaussian",
+        perturbation_options: dict | None = None,
+        score: str = "logit",
+        correct_only: bool = False,
+    ) -> Scores:
+        curve = perturbation_curve(
+            ctx, order=order, region=region, steps=steps, perturbation=perturbation,
+            perturbation_options=perturbation_options, score=score,
+        )
+        value = _aopc(curve)
+        if correct_only:
+            value = _only_correct(ctx, value)
+        return Scores(values={"value": value}, curves={order: curve})
+
+    return metric
+
+
+aopc_morf = METRICS.register("aopc_morf", aliases=("aopc", "aopc-morf"), kind="faithfulness", higher_is_better=True)(
+    _aopc_metric("morf")
+)
+aopc_morf.__doc__ = "AOPC over the MoRF curve (Samek et al.): mean score drop as the most relevant regions go first."
+
+aopc_lerf = METRICS.register("aopc_lerf", aliases=("aopc-lerf",), kind="faithfulness", higher_is_better=False)(
+    _aopc_metric("lerf")
+)
+aopc_lerf.__doc__ = "AOPC over the LeRF curve: mean score drop as the least relevant regions go first (lower is better)."
+
+
+@METRICS.register("abpc", kind="faithfulness", higher_is_better=True)
+def abpc(
+    ctx: MetricContext,
+    *,
+    region: int = 8,
+    steps: int | None = None,
+    perturbation: str = "gaussian",
+    perturbation_options: dict | None = None,
+    score: str = "logit",
+    correct_only: bool = False,
+) -> Scores:
+    """ABPC: area between the LeRF and MoRF curves, 1/(L+1) sum_k [f(x_lerf^k) - f(x_morf^k)]."""
+    opts = dict(region=region, steps=steps, perturbation=perturbation, perturbation_options=perturbation_options, score=score)
+    morf = perturbation_curve(ctx, order="morf", **opts)
+    lerf = perturbation_curve(ctx, order="lerf", **opts)
+    value = (lerf - morf)[:, 1:].sum(axis=1) / morf.shape[1]
+    if correct_only:
+        value = _only_correct(ctx, value)
+    return Scores(values={"value": value}, curves={"morf": morf, "lerf": lerf})
