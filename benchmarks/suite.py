@@ -31,12 +31,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import tomllib
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 from benchmarks.registry import Registry, close_matches
 from benchmarks.training import TrainConfig
 

@@ -34,6 +34,7 @@ from benchmarks.errors import NotApplicable, UserError
 from cams.base import METHODS, Explanation, check_inputs, check_target_range
 from cams.gradient_cams import gradcam
 from cams.hooks import CapturePoint, model_guard
+from cams.pixel import reduce_abs_max
 
 Rule = Literal["guided", "deconvnet"]
 
@@ -108,11 +109,6 @@ def modified_relu_attribution(
         chosen = logits.gather(1, target[:, None]).sum()
         (gradient,) = torch.autograd.grad(chosen, inputs)
     return gradient.detach()
-
-
-def reduce_abs_max(attribution: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H, W): the absolute value, maximum over channels."""
-    return attribution.abs().amax(dim=1)
 
 
 _RELU_NEEDS = ("relu",)

@@ -30,7 +30,9 @@ def pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     """An int or an (h, w) pair of positive ints, as a pair."""
     items = (value, value) if isinstance(value, int) else tuple(value)
     if len(items) != 2 or not all(isinstance(v, int) and v >= 1 for v in items):
-        raise UserError(f"{name} must be a positive int or a pair (h, w) of positive ints; got {value!r}")
+        raise UserError(
+            f"{name} must be a positive int or a pair (h, w) of positive ints; got {value!r}"
+        )
     return items  # type: ignore[return-value]
 
 
@@ -43,8 +45,10 @@ def window_bands(size: int, window: int, stride: int) -> torch.Tensor:
     return (pos >= start) & (pos < start + window)
 
 
-def _check_geometry(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]) -> None:
-    for dim, n, w, s in zip(("height", "width"), size, window, stride):
+def _check_geometry(
+    size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
+) -> None:
+    for dim, n, w, s in zip(("height", "width"), size, window, stride, strict=True):
         if w > n:
             raise UserError(f"occlusion window {w} exceeds the image {dim} {n}; use window <= {n}")
         if s > w and w < n:
@@ -82,7 +86,9 @@ def occlusion(
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     size = (x.shape[-2], x.shape[-1])
     win = pair(window, "window")
-    step = pair(stride if stride is not None else (max(1, win[0] // 2), max(1, win[1] // 2)), "stride")
+    step = pair(
+        stride if stride is not None else (max(1, win[0] // 2), max(1, win[1] // 2)), "stride"
+    )
     _check_geometry(size, win, step)
     rows = window_bands(size[0], win[0], step[0]).to(x.device)  # (nH, H)
     cols = window_bands(size[1], win[1], step[1]).to(x.device)  # (nW, W)
@@ -100,7 +106,9 @@ def occlusion(
         for start in range(0, batch * n_windows, batch_size):
             idx = torch.arange(start, min(start + batch_size, batch * n_windows), device=x.device)
             img, win_idx = idx // n_windows, idx % n_windows
-            covered = rows[win_idx // n_w][:, :, None] & cols[win_idx % n_w][:, None, :]  # (n, H, W)
+            covered = (
+                rows[win_idx // n_w][:, :, None] & cols[win_idx % n_w][:, None, :]
+            )  # (n, H, W)
             perturbed = torch.where(covered[:, None], fill, x[img])
             score = model(perturbed).gather(1, target[img][:, None])[:, 0]
             drops[idx] = base_score[img] - score

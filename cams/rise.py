@@ -13,9 +13,9 @@ the same set, so a map does not depend on the batch it is computed in.
 
 Random draws, in order, from ``torch.Generator().manual_seed(seed)`` on the CPU: the grid
 ``rand(N, cells, cells) < p``, then the row shifts ``randint(0, ceil(H / cells), (N,))``,
-then the column shifts ``randint(0, ceil(W / cells), (N,))``. The bilinear upsampling is
-``align_corners=False`` (half-pixel centres, edge values repeated), which is what the
-paper's ``skimage.transform.resize(order=1, mode="reflect")`` computes.
+then the column shifts ``randint(0, ceil(W / cells), (N,))``. The bilinear upsampling
+is the paper's ``skimage.transform.resize(order=1, mode="reflect")``: half-pixel centres and
+mirror reflection at the edges.
 
 The (mask, image) pairs form one stream, regrouped into forwards of ``batch_size`` images
 under ``torch.inference_mode()``; masks are built per chunk, never all N at once.
@@ -28,11 +28,28 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.errors import UserError
 from cams.base import METHODS, Explanation, check_inputs, check_target_range
+
+
+def interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) bilinear weights with half-pixel centres and mirror reflection at the
+    edges (value at -1 = value at 1), as ``skimage.transform.resize(order=1, mode="reflect")``."""
+    src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    low = torch.floor(src)
+    frac = src - low
+    weights = torch.zeros((n_out, n_in), dtype=torch.float64)
+    for index, weight in ((low.long(), 1 - frac), (low.long() + 1, frac)):
+        if n_in > 1:
+            period = 2 * (n_in - 1)
+            index = index % period
+            index = torch.where(index >= n_in, period - index, index)
+        else:
+            index = torch.zeros_like(index)
+        weights.index_put_((torch.arange(n_out), index), weight, accumulate=True)
+    return weights.float()
 
 
 @dataclass(frozen=True)
@@ -47,17 +64,20 @@ class MaskSet:
 
     def build(self, index: torch.Tensor) -> torch.Tensor:
         """Masks ``index`` as float32 (n, H, W) on ``index``'s device."""
+        device = index.device
         cells = self.grid.shape[-1]
-        up = ((cells + 1) * self.cell[0], (cells + 1) * self.cell[1])
-        grid = self.grid.to(index.device)[index].float()[:, None]
-        big = F.interpolate(grid, size=up, mode="bilinear", align_corners=False)[:, 0]
-        ys = self.shift_y.to(index.device)[index][:, None] + torch.arange(self.size[0], device=index.device)
-        xs = self.shift_x.to(index.device)[index][:, None] + torch.arange(self.size[1], device=index.device)
-        n = torch.arange(index.numel(), device=index.device)
-        return big[n[:, None, None], ys[:, :, None], xs[:, None, :]]
+        # Separable upsampling: the cropped rows of the row and column interpolation matrices.
+        rows = interpolation_matrix(cells, (cells + 1) * self.cell[0]).to(device)
+        cols = interpolation_matrix(cells, (cells + 1) * self.cell[1]).to(device)
+        ys = self.shift_y.to(device)[index][:, None] + torch.arange(self.size[0], device=device)
+        xs = self.shift_x.to(device)[index][:, None] + torch.arange(self.size[1], device=device)
+        grid = self.grid.to(device)[index].float()
+        return torch.einsum("nhs,nst,nwt->nhw", rows[ys], grid, cols[xs])
 
 
-def rise_masks(n_masks: int, size: tuple[int, int], *, cells: int = 7, p: float = 0.5, seed: int = 0) -> MaskSet:
+def rise_masks(
+    n_masks: int, size: tuple[int, int], *, cells: int = 7, p: float = 0.5, seed: int = 0
+) -> MaskSet:
     """The seeded draws of ``n_masks`` RISE masks for images of ``size`` (H, W)."""
     if n_masks < 1:
         raise UserError(f"n_masks must be >= 1, got {n_masks}")

@@ -36,10 +36,14 @@ from cams.base import METHODS, Explanation, check_inputs, check_target_range, up
 from cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
 
 
-def channel_masks(activation: torch.Tensor, size: tuple[int, int], *, align_corners: bool) -> torch.Tensor:
+def channel_masks(
+    activation: torch.Tensor, size: tuple[int, int], *, align_corners: bool
+) -> torch.Tensor:
     """(n, h, w) activation maps -> (n, H, W) masks: bilinear upsampling, then min-max to
     [0, 1] per map, 0 for a constant map."""
-    up = F.interpolate(activation[:, None], size=size, mode="bilinear", align_corners=align_corners)[:, 0]
+    up = F.interpolate(
+        activation[:, None], size=size, mode="bilinear", align_corners=align_corners
+    )[:, 0]
     flat = up.flatten(1)
     low = flat.min(dim=1).values[:, None, None]
     span = flat.max(dim=1).values[:, None, None] - low
@@ -106,7 +110,9 @@ def scorecam(
         for start in range(0, total, batch_size):
             idx = torch.arange(start, min(start + batch_size, total), device=x.device)
             img, channel = idx // channels, idx % channels
-            masks = channel_masks(activation[img, channel].float(), size, align_corners=align_corners)
+            masks = channel_masks(
+                activation[img, channel].float(), size, align_corners=align_corners
+            )
             out = model(x[img] * masks[:, None].to(x.dtype))
             if score == "probability":
                 out = out.softmax(dim=1)
@@ -115,4 +121,6 @@ def scorecam(
         weights = scores.softmax(dim=1) if channel_softmax else scores
         layer_maps = torch.relu(torch.einsum("bk,bkhw->bhw", weights, activation.float()))
     layer_maps, weights = layer_maps.clone(), weights.clone()
-    return Explanation(maps=upsample(layer_maps, size), layer_maps=layer_maps, extras={"weights": weights})
+    return Explanation(
+        maps=upsample(layer_maps, size), layer_maps=layer_maps, extras={"weights": weights}
+    )

@@ -117,8 +117,13 @@ def load_npz(
     image_size: int | Sequence[int] | None = None,
     channels: int | None = None,
     class_names: Sequence[str] | None = None,
+    family: str | None = None,
 ) -> ArrayDataset:
-    """One split of a MedMNIST-layout npz as an in-memory dataset."""
+    """One split of a MedMNIST-layout npz as an in-memory dataset.
+
+    ``name`` labels messages and the dataset; ``family`` (the MedMNIST name, default
+    ``name``) picks the known class names.
+    """
     check_split(split, name)
     size = as_size(image_size, name=name)
     try:
@@ -166,7 +171,7 @@ def load_npz(
     names = (
         tuple(class_names)
         if class_names is not None
-        else KNOWN_CLASSES.get(name, tuple(str(k) for k in range(n_classes)))
+        else KNOWN_CLASSES.get(family or name, tuple(str(k) for k in range(n_classes)))
     )
     if labels.min() < 0 or labels.max() >= len(names):
         raise UserError(
@@ -215,6 +220,7 @@ def _make(fixed_name: str | None, fixed_variant: str | None) -> Callable[..., Ar
             image_size=image_size,
             channels=channels,
             class_names=class_names,
+            family=name,
         )
 
     return make
