@@ -296,7 +296,9 @@ def smooth_noise(rng: np.random.Generator, size: Size, *, cells: int = 6) -> np.
 
 def soft_clip(values: np.ndarray, *, knee: float = 0.1) -> np.ndarray:
     """Map reals into (0, 1), strictly increasing: identity on [knee, 1 - knee], exponential
-    tails beyond (continuous with slope 1), so a lesion on a bright pixel still changes it."""
+    tails beyond (continuous with slope 1), so a lesion on a bright pixel still changes it.
+    Far out in the upper tail float rounding flattens it: in float32 an input step of 0.01
+    stays visible on [-1, 1.5]; keep inputs there."""
     out = np.array(values, dtype=np.float64)
     low, high = out < knee, out > 1.0 - knee
     out[low] = knee * np.exp((out[low] - knee) / knee)

@@ -33,7 +33,7 @@ def _item(rng: np.random.Generator, size: int, positive: bool) -> tuple[np.ndarr
         image[r0 : r0 + side, c0 : c0 + side] += 0.12
     mask = np.zeros((size, size), dtype=bool)
     if positive:
-        radius = rng.uniform(0.08, 0.14) * size
+        radius = rng.uniform(0.12, 0.2) * size
         cy, cx = rng.uniform(radius + 1, size - radius - 1, 2)
         mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
         image = np.where(mask, image + 0.35, image)

@@ -173,6 +173,7 @@ def test_gradcampp_renormalized_is_cam_over_positive_channels(gapcnn, batch):
     close(out.maps, bilinear(torch.relu(positive_cam) / z, tuple(x.shape[-2:])))
 
 
+@pytest.mark.slow  # building VGG11's 120M random weights takes ~5 s on 2 cores
 def test_cam_not_applicable_without_gap_linear_head():
     """torchvision VGG11 pools to 7x7 and has three linear layers: CAM cannot apply."""
     torch.manual_seed(0)

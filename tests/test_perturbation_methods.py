@@ -25,6 +25,17 @@ METHOD_NAMES = ("occlusion", "rise", "scorecam", "smooth_gradcampp")
 KNOB_VALUES = (1, 7, 64)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny and batch_size=1 runs many small forwards: intra-op threads
+    cost more than they save, and on a shared 2-core machine oversubscription made those
+    runs 20x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def explain(name: str, model, x, target, **options):
     return METHODS.get(name).obj(model, x, target, **options)
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from benchmarks.errors import UserError
 from datasets import DATASETS
+from datasets._io import read_image
 from datasets.base import SPLITS
 
 pytestmark = pytest.mark.datasets
@@ -37,12 +38,12 @@ def needs(sub: str) -> pytest.MarkDecorator:
     )
 
 
-def make(name: str, split: str, **kw):
-    return DATASETS.get(name).obj(split, **kw)
+def make(dataset: str, split: str, /, **kw):
+    return DATASETS.get(dataset).obj(split, **kw)
 
 
-def all_splits(name: str, **kw) -> dict[str, object]:
-    return {s: make(name, s, **kw) for s in SPLITS}
+def all_splits(dataset: str, /, **kw) -> dict[str, object]:
+    return {s: make(dataset, s, **kw) for s in SPLITS}
 
 
 @pytest.fixture(autouse=True)
@@ -259,6 +260,7 @@ def busi_real():
     return all_splits("busi", root=DATA, image_size=BUSI_SIZE, seed=0)
 
 
+@pytest.mark.slow  # the first test reads all 780 images and their masks (~4 s)
 @needs("Dataset_BUSI_with_GT")
 def test_busi_real_counts_stratified_disjoint(busi_real):
     readme = {"normal": 133, "benign": 437, "malignant": 210}
@@ -278,6 +280,7 @@ def test_busi_real_counts_stratified_disjoint(busi_real):
     assert total == readme and len(ids) == len(set(ids)) == 780
 
 
+@pytest.mark.slow
 @needs("Dataset_BUSI_with_GT")
 def test_busi_real_split_is_fixed_by_seed(busi_real):
     again = make("busi", "val", root=DATA, image_size=BUSI_SIZE, seed=0)
@@ -288,6 +291,7 @@ def test_busi_real_split_is_fixed_by_seed(busi_real):
     assert again.provenance["split"] == busi_real["val"].provenance["split"]
 
 
+@pytest.mark.slow
 @needs("Dataset_BUSI_with_GT")
 def test_busi_real_images_and_mask_union_match_pil(busi_real):
     ds = next(d for d in busi_real.values() if "benign/benign (100)" in d.ids)
@@ -305,6 +309,7 @@ def test_busi_real_images_and_mask_union_match_pil(busi_real):
     np.testing.assert_array_equal(np.rint(ds.images[i, 0].numpy() * 255), np.asarray(img))
 
 
+@pytest.mark.slow
 @needs("Dataset_BUSI_with_GT")
 def test_busi_real_masks_sit_on_the_dark_tumours(busi_real):
     # tumours are hypoechoic: darker than a ring just around them, when the mask is aligned
@@ -339,6 +344,24 @@ def test_ph2_real_counts_labels_and_mask_alignment():
     inside = (images * masks).sum((1, 2)) / masks.sum((1, 2)).clamp(min=1)
     outside = (images * ~masks).sum((1, 2)) / (~masks).sum((1, 2)).clamp(min=1)
     assert (inside < outside).float().mean() >= 0.9  # lesions are darker than skin
+
+
+# --- image modes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16"])
+def test_every_image_mode_becomes_the_same_grey_and_rgb(tmp_path, mode):
+    level = 100
+    if mode == "I;16":
+        img = Image.fromarray(np.full((6, 8), level * 257, np.uint16))  # 16-bit grey
+    else:
+        img = Image.new("RGB", (8, 6), (level, level, level)).convert(mode)
+    img.save(tmp_path / "x.png")
+    assert Image.open(tmp_path / "x.png").mode == mode
+    for channels in (1, 3):
+        arr, hw = read_image(tmp_path / "x.png", channels=channels, size=None)
+        assert hw == (6, 8) and arr.dtype == np.uint8
+        np.testing.assert_array_equal(arr, np.full((channels, 6, 8), level, np.uint8))
 
 
 # --- folder and csv, written here ----------------------------------------------------------
@@ -449,7 +472,11 @@ def test_csv_table_with_string_labels_masks_and_split_column(tmp_path):
         label_col="dx",
         base_dir="pics",
     )
-    assert seeded.class_names == ("benign", "malignant") and len(seeded) == 8
+    # 5 per class: 3.5/0.75/0.75 -> floor 3/0/0, the 2 left go to val and test (0.75 > 0.5)
+    assert seeded.class_names == ("benign", "malignant") and len(seeded) == 6
+    (tmp_path / "pics" / "malignant" / "malignant03_m.png").unlink()
+    with pytest.raises(UserError, match=r"malignant03\.png' has no mask"):
+        make("csv", "train", root=tmp_path, split_col="split", **opts)
     with pytest.raises(UserError, match=r"no column 'diagnosis'.*columns are: file, mask, dx"):
         make(
             "csv",
