@@ -90,3 +90,66 @@ def gapcnn(*, in_channels: int, num_classes: int, width: int = 32) -> Classifier
 def build_model(name: str, *, in_channels: int, num_classes: int, **options) -> nn.Module:
     """Build the named architecture with random weights, adapted to channels and classes."""
     return MODELS.get(name).obj(in_channels=in_channels, num_classes=num_classes, **options)
+
+
+def _torchvision_classifier(features: nn.Module, head: nn.Module, in_channels: int) -> Classifier:
+    return Classifier(Normalize(in_channels), features, head)
+
+
+@MODELS.register("resnet18", default_layer="features.layer4", gap_head=True, family="resnet")
+def resnet18(*, in_channels: int, num_classes: int) -> Classifier:
+    """torchvision ResNet-18 for small inputs: 3x3 stride-1 stem, no max-pool, so ``layer4``
+    keeps 1/8 of the input (8x8 at 64 px); GAP + linear head (CAM applies)."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    net = tv_resnet18(weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    features = nn.Sequential()
+    for name in ("conv1", "bn1", "relu", "layer1", "layer2", "layer3", "layer4"):
+        features.add_module(name, getattr(net, name))
+    return _torchvision_classifier(features, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.fc), in_channels)
+
+
+class _DenseHead(nn.Module):
+    """torchvision DenseNet's head as its ``forward`` applies it: in-place ReLU, GAP, linear."""
+
+    def __init__(self, classifier: nn.Linear):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu(x, inplace=True)  # functional, as in torchvision
+        return self.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@MODELS.register("densenet121", default_layer="features", gap_head=True, family="densenet")
+def densenet121(*, in_channels: int, num_classes: int) -> Classifier:
+    """torchvision DenseNet-121 for small inputs: 3x3 stride-1 stem, no first pool (1/8 of the
+    input at ``features``); the head keeps torchvision's functional in-place ReLU, so
+    ``features`` is pre-ReLU (see cams.hooks)."""
+    from torchvision.models import densenet121 as tv_densenet121
+
+    net = tv_densenet121(weights=None, num_classes=num_classes)
+    net.features.conv0 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.features.pool0 = nn.Identity()
+    return _torchvision_classifier(net.features, _DenseHead(net.classifier), in_channels)
+
+
+@MODELS.register("vgg16_bn", default_layer="features", gap_head=False, family="vgg")
+def vgg16_bn(*, in_channels: int, num_classes: int, hidden: int = 512) -> Classifier:
+    """torchvision VGG-16-BN for small inputs: the last two max-pools dropped (1/8 of the input
+    at ``features``), flatten + fully-connected head kept (CAM does not apply, as in the
+    papers), hidden width ``hidden`` instead of 4096 and a 2x2 adaptive pool before it."""
+    from torchvision.models import vgg16_bn as tv_vgg16_bn
+
+    net = tv_vgg16_bn(weights=None)
+    layers = list(net.features)
+    layers[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
+    pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+    features = nn.Sequential(*[m for i, m in enumerate(layers) if i not in pools[-2:]])
+    head = nn.Sequential(
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(512 * 4, hidden), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, num_classes),
+    )
+    return _torchvision_classifier(features, head, in_channels)
