@@ -18,7 +18,13 @@ from cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
 
 def centered_gaussian(height: int, width: int, sigma: float) -> torch.Tensor:
     """(H, W) float32 exp(-((i - ci)^2 / (2 (sigma H)^2) + (j - cj)^2 / (2 (sigma W)^2))),
-    ci, cj the centre between pixel centres; 1 at the centre."""
+    ci, cj the centre between pixel centres; 1 at the centre.
+
+    >>> centered_gaussian(3, 3, 0.5)
+    tensor([[0.6412, 0.8007, 0.6412],
+            [0.8007, 1.0000, 0.8007],
+            [0.6412, 0.8007, 0.6412]])
+    """
     rows = (torch.arange(height, dtype=torch.float64) - (height - 1) / 2) / (sigma * height)
     cols = (torch.arange(width, dtype=torch.float64) - (width - 1) / 2) / (sigma * width)
     return torch.exp(-0.5 * (rows[:, None] ** 2 + cols[None, :] ** 2)).float()
@@ -32,12 +38,16 @@ def gaussian(
     times the image height (vertically) and width (horizontally). The model is not run."""
     check_inputs(x, target)
     if not sigma > 0:
-        raise UserError(f"sigma must be > 0 (a fraction of the image size, e.g. 0.25), got {sigma!r}")
+        raise UserError(
+            f"sigma must be > 0 (a fraction of the image size, e.g. 0.25), got {sigma!r}"
+        )
     gauss = centered_gaussian(x.shape[-2], x.shape[-1], float(sigma)).to(x.device)
     return Explanation(maps=gauss.expand(x.shape[0], -1, -1).clone())
 
 
-@METHODS.register("activation_map", aliases=("mean-activation",), family="baseline", needs=("layer",), cost="1F")
+@METHODS.register(
+    "activation_map", aliases=("mean-activation",), family="baseline", needs=("layer",), cost="1F"
+)
 def activation_map(
     model: nn.Module,
     x: torch.Tensor,

@@ -3,11 +3,11 @@ rule is replaced.
 
 Every ReLU the model applies is guided, not only ``nn.ReLU`` modules: for the duration of the
 forward pass a ``TorchFunctionMode`` routes ``F.relu`` (what ``nn.ReLU`` calls, in place or
-not), ``torch.relu``, ``torch.relu_`` (= ``F.relu_``), ``Tensor.relu`` and ``Tensor.relu_``
-through an autograd function with the modified backward. That covers torchvision DenseNet's
+not), ``torch.relu``, ``torch.relu_`` (= ``F.relu_``), ``Tensor.relu``, ``Tensor.relu_`` and
+``torch.ops.aten.relu(_)`` through an autograd function with the modified backward. That covers torchvision DenseNet's
 functional ``F.relu(features, inplace=True)`` and ResNet's ``nn.ReLU`` instance applied twice
-per block, which hook-based implementations (captum, pytorch-grad-cam: backward hooks on
-``nn.ReLU`` modules only) miss or have to special-case. The mode is thread-local and leaves
+per block. captum and pytorch-grad-cam guide ``nn.ReLU`` modules only, so on DenseNet they
+leave the last ReLU with its plain gradient (tests/test_guided_pixel_methods.py shows it). The mode is thread-local and leaves
 the stack when the forward ends, also on error; the backward runs outside it. ``clamp``,
 ``relu6``/``hardtanh`` and other rectifiers are not ReLU calls and keep their plain gradient.
 
@@ -38,8 +38,11 @@ from cams.pixel import reduce_abs_max
 
 Rule = Literal["guided", "deconvnet"]
 
-_RELU_OUT_OF_PLACE = frozenset({torch.nn.functional.relu, torch.relu, torch.Tensor.relu})
-_RELU_IN_PLACE = frozenset({torch.relu_, torch.Tensor.relu_})
+_ATEN = torch.ops.aten
+_RELU_OUT_OF_PLACE = frozenset(
+    {torch.nn.functional.relu, torch.relu, torch.Tensor.relu, _ATEN.relu, _ATEN.relu.default}
+)
+_RELU_IN_PLACE = frozenset({torch.relu_, torch.Tensor.relu_, _ATEN.relu_, _ATEN.relu_.default})
 
 
 class _ModifiedReLU(torch.autograd.Function):
@@ -78,7 +81,8 @@ class _ReLUOverride(TorchFunctionMode):
         if func in _RELU_OUT_OF_PLACE or func in _RELU_IN_PLACE:
             self.calls += 1
             inplace = func in _RELU_IN_PLACE or bool(kwargs.get("inplace", False))
-            return _ModifiedReLU.apply(args[0], self.rule, inplace)
+            tensor = args[0] if args else kwargs["input"]
+            return _ModifiedReLU.apply(tensor, self.rule, inplace)
         return func(*args, **kwargs)
 
 
@@ -121,10 +125,14 @@ _RELU_NEEDS = ("relu",)
     needs=_RELU_NEEDS,
     cost="1F+1B",
 )
-def guided_backprop(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, layer=None) -> Explanation:
+def guided_backprop(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, layer=None
+) -> Explanation:
     """Guided backpropagation: max over channels of |gradient|, every ReLU passing only
     positive gradients where its input was positive. ``layer`` is ignored."""
-    return Explanation(maps=reduce_abs_max(modified_relu_attribution(model, x, target, rule="guided")))
+    return Explanation(
+        maps=reduce_abs_max(modified_relu_attribution(model, x, target, rule="guided"))
+    )
 
 
 @METHODS.register(
@@ -134,10 +142,14 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, 
     needs=_RELU_NEEDS,
     cost="1F+1B",
 )
-def deconvnet(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, layer=None) -> Explanation:
+def deconvnet(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, layer=None
+) -> Explanation:
     """DeconvNet: max over channels of |gradient|, every ReLU passing ReLU(gradient) whatever
     its input's sign. ``layer`` is ignored."""
-    return Explanation(maps=reduce_abs_max(modified_relu_attribution(model, x, target, rule="deconvnet")))
+    return Explanation(
+        maps=reduce_abs_max(modified_relu_attribution(model, x, target, rule="deconvnet"))
+    )
 
 
 @METHODS.register(
@@ -165,5 +177,7 @@ def guided_gradcam(
     cam = gradcam(model, x, target, layer=layer, point=point)
     guided = modified_relu_attribution(model, x, target, rule="guided")
     return Explanation(
-        maps=reduce_abs_max(guided * cam.maps[:, None]), layer_maps=cam.layer_maps, extras=cam.extras
+        maps=reduce_abs_max(guided * cam.maps[:, None]),
+        layer_maps=cam.layer_maps,
+        extras=cam.extras,
     )

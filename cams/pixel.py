@@ -27,7 +27,9 @@ from cams.baselines import image_generator
 from cams.hooks import model_guard
 
 
-def _checked_forward(model: nn.Module, target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _checked_forward(
+    model: nn.Module, target: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model's forward, raising a clear error for a target class the model does not have
     (captum would fail inside its indexing with a less helpful message)."""
 
@@ -66,7 +68,9 @@ def saliency(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, layer=N
     return Explanation(maps=reduce_abs_max(attribution))
 
 
-def smoothgrad_noise(image: torch.Tensor, *, n_samples: int, stdevs: float, seed: int) -> torch.Tensor:
+def smoothgrad_noise(
+    image: torch.Tensor, *, n_samples: int, stdevs: float, seed: int
+) -> torch.Tensor:
     """The (n_samples, C, H, W) Gaussian noise SmoothGrad adds to one image (C, H, W).
 
     Drawn from a CPU generator seeded by the image and ``seed``, by the same call captum's
@@ -108,14 +112,20 @@ def smoothgrad(
     internal_batch_size = _positive("internal_batch_size", internal_batch_size)
     if not stdevs >= 0:
         raise UserError(f"stdevs must be >= 0 (noise standard deviation), got {stdevs!r}")
-    noisy = torch.cat([img + smoothgrad_noise(img, n_samples=n_samples, stdevs=stdevs, seed=seed) for img in x])
+    noisy = torch.cat(
+        [img + smoothgrad_noise(img, n_samples=n_samples, stdevs=stdevs, seed=seed) for img in x]
+    )
     noisy_target = target.repeat_interleave(n_samples)
     parts = []
     with model_guard(model), torch.enable_grad():
         explainer = Saliency(_checked_forward(model, target))
         for start in range(0, noisy.shape[0], internal_batch_size):
             chunk = noisy[start : start + internal_batch_size].detach().requires_grad_(True)
-            parts.append(explainer.attribute(chunk, target=noisy_target[start : start + internal_batch_size], abs=True))
+            parts.append(
+                explainer.attribute(
+                    chunk, target=noisy_target[start : start + internal_batch_size], abs=True
+                )
+            )
     attribution = torch.cat(parts).reshape(x.shape[0], n_samples, *x.shape[1:]).mean(dim=1)
     return Explanation(maps=reduce_abs_max(attribution))
 
@@ -165,9 +175,18 @@ def integrated_gradients(
     return Explanation(maps=torch.cat(parts).sum(dim=1))
 
 
-def grid_feature_mask(height: int, width: int, grid: int, device: torch.device | None = None) -> torch.Tensor:
+def grid_feature_mask(
+    height: int, width: int, grid: int, device: torch.device | None = None
+) -> torch.Tensor:
     """(1, 1, H, W) long mask cutting the image into ``grid`` x ``grid`` near-equal cells,
-    numbered row by row from 0 (fewer cells along a side shorter than ``grid``)."""
+    numbered row by row from 0 (fewer cells along a side shorter than ``grid``).
+
+    >>> grid_feature_mask(4, 6, 2)[0, 0]
+    tensor([[0, 0, 0, 1, 1, 1],
+            [0, 0, 0, 1, 1, 1],
+            [2, 2, 2, 3, 3, 3],
+            [2, 2, 2, 3, 3, 3]])
+    """
     rows = torch.arange(height, device=device) * min(grid, height) // height
     cols = torch.arange(width, device=device) * min(grid, width) // width
     return (rows[:, None] * min(grid, width) + cols[None, :])[None, None]
@@ -193,7 +212,7 @@ def _surrogate(
     maps = []
     with model_guard(model), torch.no_grad():
         explainer = explainer_type(_checked_forward(model, target))
-        for image, label in zip(x, target.tolist()):
+        for image, label in zip(x, target.tolist(), strict=True):
             # captum draws its samples from the global RNG (on the CPU): seed it per image and
             # restore it afterwards.
             with torch.random.fork_rng(devices=[]):
@@ -227,7 +246,14 @@ def lime(
     switched off to 0 (the mean of a normalized input). ``perturbations_per_eval``: masked
     images per forward; it does not change the map. ``layer`` is ignored."""
     return _surrogate(
-        Lime, model, x, target, n_samples=n_samples, grid=grid, seed=seed, perturbations_per_eval=perturbations_per_eval
+        Lime,
+        model,
+        x,
+        target,
+        n_samples=n_samples,
+        grid=grid,
+        seed=seed,
+        perturbations_per_eval=perturbations_per_eval,
     )
 
 

@@ -118,7 +118,8 @@ def _stamp(
 
 
 def _batch(n: int, x: np.ndarray | float, shape: tuple[int, ...] = ()) -> np.ndarray:
-    return np.broadcast_to(np.asarray(x, dtype=np.float64), (n, *shape))
+    """``x`` broadcast to (n, *shape) float64 (a per-shape parameter given once or per shape)."""
+    return np.zeros((n, *shape)) + x
 
 
 def ellipses(

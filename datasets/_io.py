@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from benchmarks.errors import UserError
+from benchmarks.errors import DataNotFound, UserError
 
 DATA_ROOT_ENV = "CAMBENCH_DATA_ROOT"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -50,6 +50,19 @@ def as_size(image_size: int | Iterable[int] | None, *, name: str) -> Size | None
             f"{name}: image_size={image_size!r} must be a positive int or (height, width)"
         )
     return size  # type: ignore[return-value]
+
+
+def as_names(
+    value: str | Iterable[str] | None, *, name: str, option: str
+) -> tuple[str, ...] | None:
+    """A list of names from a sequence or a comma-separated string (as a suite may write it)."""
+    if value is None:
+        return None
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(str(n).strip() for n in names)
+    if not names or "" in names:
+        raise UserError(f"{name}: {option}={value!r} must name at least one class, none empty")
+    return names
 
 
 def check_fit(fit: str, *, name: str) -> Fit:
@@ -76,20 +89,21 @@ def locate(
     """The dataset's folder or file: ``root/<candidate>`` for the first candidate that exists,
     or ``root`` itself when ``is_own(root)`` says it already is the dataset.
 
-    ``root`` None reads ``$CAMBENCH_DATA_ROOT``. Anything missing raises a UserError naming
-    the path, what was expected there, and how to get the data.
+    ``root`` None reads ``$CAMBENCH_DATA_ROOT``. Anything missing raises ``DataNotFound`` (a
+    UserError the runner may turn into a skipped dataset) naming the path, what was expected
+    there, and how to get the data.
     """
     candidates = list(candidates)
     if root is None or str(root) == "":
         root = os.environ.get(DATA_ROOT_ENV) or None
         if root is None:
-            raise UserError(
+            raise DataNotFound(
                 f"{name}: no data directory given; pass --data-root DIR (or root=DIR) or set "
                 f"{DATA_ROOT_ENV}, where DIR holds {expected}. {how_to_get}"
             )
     path = Path(root).expanduser()
     if not path.exists():
-        raise UserError(
+        raise DataNotFound(
             f"{name}: data directory {str(path)!r} does not exist; it should hold {expected}. "
             f"{how_to_get}"
         )
@@ -99,8 +113,8 @@ def locate(
         if (path / cand).exists():
             return path / cand
     if not candidates:
-        raise UserError(f"{name}: {str(path)!r} is not {expected}. {how_to_get}")
-    raise UserError(
+        raise DataNotFound(f"{name}: {str(path)!r} is not {expected}. {how_to_get}")
+    raise DataNotFound(
         f"{name}: {str(path)!r} holds none of {', '.join(repr(c) for c in candidates)}; "
         f"expected {expected}. {how_to_get}"
     )
@@ -122,12 +136,13 @@ def open_image(path: Path) -> Image.Image:
 
 
 def _to_8bit(img: Image.Image, path: object) -> Image.Image:
-    """Bring 16/32-bit integer grey to 8-bit ``L`` (top 8 of 16 bits); 8-bit modes pass."""
+    """Bring 16-bit integer grey to 8-bit ``L`` (0..65535 -> 0..255, rounded); 8-bit modes
+    pass unchanged."""
     if img.mode.startswith("I"):
         arr = np.asarray(img, dtype=np.float64)
         # PIL opens 16-bit PNGs as "I;16" or "I": both hold 0..65535
         arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L")
+        return Image.fromarray(arr)  # 2-D uint8 -> "L"
     if img.mode == "F":
         raise UserError(
             f"image {path}: floating-point images are not supported; save it as 8- or 16-bit PNG"

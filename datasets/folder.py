@@ -26,6 +26,7 @@ from benchmarks.errors import UserError
 from datasets._io import (
     DATA_ROOT_ENV,
     Record,
+    as_names,
     as_size,
     check_channels,
     check_fit,
@@ -61,9 +62,9 @@ def _class_folders(base: Path, classes: Sequence[str] | None, *, name: str) -> l
             f"{name}: {str(base)!r} has no class folders; expected one folder per class, "
             "e.g. root/<class>/<image>.png"
         )
+    classes = as_names(classes, name=name, option="classes")
     if classes is None:
         return available
-    classes = [str(c) for c in classes]
     for cls in classes:
         if cls not in available:
             raise UserError(
@@ -110,10 +111,12 @@ def folder_records(
             if masks is not None:
                 found = tuple(index.get(img.stem, ()))
                 if not found:
-                    where = img.parent if masks == "sibling" else mask_dir / cls  # type: ignore[operator]
+                    sibling = masks == "sibling"
+                    where = img.parent if sibling else mask_dir / cls  # type: ignore[operator]
+                    want = f"{img.stem}_mask.png" if sibling else f"{img.stem}.png (or _mask.png)"
                     raise UserError(
-                        f"{name}: image {str(img)!r} has no mask; expected {img.stem}_mask.png "
-                        f"in {str(where)!r}. Add the mask, remove the image, or load without masks"
+                        f"{name}: image {str(img)!r} has no mask; expected {want} in "
+                        f"{str(where)!r}. Add the mask, remove the image, or load without masks"
                     )
             records.append(Record(id=f"{cls}/{img.stem}", label=label, image=img, masks=found))
     return records, tuple(class_names)

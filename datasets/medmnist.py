@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.errors import UserError
+from benchmarks.errors import DataNotFound, UserError
 from datasets._io import DATA_ROOT_ENV, as_size, locate, prepare_image
 from datasets.base import DATASETS, SPLITS, ArrayDataset, check_split
 
@@ -68,7 +68,7 @@ def _npz_file(root: str | Path | None, name: str, file: str | None, download: bo
             if near
             else ""
         )
-        raise UserError(f"{err}{hint}") from None
+        raise DataNotFound(f"{err}{hint}") from None
 
 
 def _download(name: str, folder: Path) -> Path:

@@ -15,16 +15,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.errors import UserError
+from benchmarks.errors import DataNotFound, UserError
 from datasets._io import DATA_ROOT_ENV, as_size, check_channels, locate, prepare_image
 from datasets.base import DATASETS, ImageDataset, check_split
+
+if TYPE_CHECKING:
+    import h5py
 
 FILE = "camelyonpatch_level_2_split_{split}_{part}.h5"
 CLASSES = ("normal", "tumor")
@@ -37,9 +39,11 @@ HOW_TO_GET = (
 def _open(path: Path, key: str, *, name: str) -> tuple[h5py.File, h5py.Dataset]:
     """An HDF5 file and its ``key`` dataset; a missing, corrupt or keyless file is a
     UserError naming it."""
+    import h5py  # imported on use: `import datasets` stays light
+
     if not path.is_file():
         hint = " (it is gzipped: gunzip it first)" if path.with_suffix(".h5.gz").is_file() else ""
-        raise UserError(f"{name}: {str(path)!r} does not exist{hint}. {HOW_TO_GET}")
+        raise DataNotFound(f"{name}: {str(path)!r} does not exist{hint}. {HOW_TO_GET}")
     try:
         handle = h5py.File(path, "r")
     except OSError as err:

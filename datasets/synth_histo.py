@@ -74,7 +74,9 @@ def _tissue(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
     shape, scale = (size, size), size / 64.0
     rows, cols = coordinate_grid(shape)
     theta, wavelength = rng.uniform(0, np.pi), rng.uniform(6.0, 10.0) * scale
-    phase = 2 * np.pi * (cols * np.cos(theta) + rows * np.sin(theta)) / wavelength + 3.0 * smooth_noise(rng, shape, cells=4)
+    phase = 2 * np.pi * (
+        cols * np.cos(theta) + rows * np.sin(theta)
+    ) / wavelength + 3.0 * smooth_noise(rng, shape, cells=4)
     fibres = (0.5 + 0.5 * np.cos(phase)) ** 2
     eosin = rng.uniform(0.2, 0.32) + 0.22 * fibres + 0.06 * smooth_noise(rng, shape, cells=8)
     gaps = np.clip(2.0 * (smooth_noise(rng, shape, cells=4) - 1.2), 0.0, 1.0)  # pale spaces
@@ -82,13 +84,22 @@ def _tissue(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
     count = max(1, round(rng.uniform(16, 26) * scale**2))
     centers = rng.uniform(-2.0, size + 2.0, (count, 2))
     radii = rng.uniform(1.3, 2.1, (count, 2)) * scale
-    nuclei = ellipses(shape, centers, radii, angles=rng.uniform(0, np.pi, count), values=rng.uniform(0.6, 0.95, count), edge=0.55)
+    nuclei = ellipses(
+        shape,
+        centers,
+        radii,
+        angles=rng.uniform(0, np.pi, count),
+        values=rng.uniform(0.6, 0.95, count),
+        edge=0.55,
+    )
     hematoxylin = 0.06 + 0.02 * smooth_noise(rng, shape, cells=6) + nuclei.intensity
     other = 0.04 + 0.02 * rng.standard_normal((size, size, 3))
     return hematoxylin, eosin, other
 
 
-def _cluster_centres(rng: np.random.Generator, size: int, count: int, spread: float, gap: float) -> np.ndarray:
+def _cluster_centres(
+    rng: np.random.Generator, size: int, count: int, spread: float, gap: float
+) -> np.ndarray:
     """``count`` centres inside [spread, size - spread], pairwise at least ``gap`` apart:
     rejection sampling, restarted from scratch when a draw leaves no room."""
     for _ in range(100):
@@ -131,7 +142,9 @@ def _tumour(rng: np.random.Generator, size: int, clusters: int) -> Shape:
     )
 
 
-def render(options: HistoOptions, seed: int, split: str, index: int, *, draw_lesion: bool = True) -> HistoItem:
+def render(
+    options: HistoOptions, seed: int, split: str, index: int, *, draw_lesion: bool = True
+) -> HistoItem:
     """Item ``index`` of ``split``; ``draw_lesion=False`` gives the same patch without its
     tumour nuclei (every other random draw unchanged)."""
     label, size = index % 2, options.size
@@ -142,7 +155,11 @@ def render(options: HistoOptions, seed: int, split: str, index: int, *, draw_les
     lesion = Shape(np.zeros((size, size)), np.zeros((size, size), dtype=bool))
     if label and draw_lesion:
         lesion = _tumour(item_generator(seed, _TAG, split, index, 1), size, options.clusters)
-    density = (hematoxylin + lesion.intensity)[..., None] * (h_gain * h_vec) + eosin[..., None] * (e_gain * e_vec) + other
+    density = (
+        (hematoxylin + lesion.intensity)[..., None] * (h_gain * h_vec)
+        + eosin[..., None] * (e_gain * e_vec)
+        + other
+    )
     # A smooth strictly increasing floor (softplus, sharpness 20) keeps densities positive so
     # rgb < 1 without a clip that could hide a change.
     density = np.logaddexp(0.0, 20.0 * density) / 20.0
@@ -150,7 +167,9 @@ def render(options: HistoOptions, seed: int, split: str, index: int, *, draw_les
     return HistoItem(image.astype(np.float32), lesion.mask)
 
 
-@DATASETS.register(NAME, source="synthetic", masks=True, organ_masks=False, how_to_get="generated from the seed")
+@DATASETS.register(
+    NAME, source="synthetic", masks=True, organ_masks=False, how_to_get="generated from the seed"
+)
 def synth_histo(
     split: str,
     *,
@@ -161,9 +180,19 @@ def synth_histo(
     clusters: int = 1,
 ) -> ArrayDataset:
     """H&E-like patches; tumour positives carry clusters of atypical nuclei (exact masks)."""
-    size, count = check_common(NAME, split, seed=seed, image_size=image_size, n=n, default_size=DEFAULT_SIZE, default_n=DEFAULT_N)
+    size, count = check_common(
+        NAME,
+        split,
+        seed=seed,
+        image_size=image_size,
+        n=n,
+        default_size=DEFAULT_SIZE,
+        default_n=DEFAULT_N,
+    )
     if not isinstance(clusters, (int, np.integer)) or not 1 <= clusters <= MAX_CLUSTERS:
-        raise UserError(f"{NAME}: clusters (tumour clusters per positive) must be an integer in 1..{MAX_CLUSTERS}, got {clusters!r}")
+        raise UserError(
+            f"{NAME}: clusters (tumour clusters per positive) must be an integer in 1..{MAX_CLUSTERS}, got {clusters!r}"
+        )
     options = HistoOptions(size, int(clusters))
     items = [render(options, seed, split, i) for i in range(count)]
     return ArrayDataset(

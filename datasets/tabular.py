@@ -15,18 +15,30 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from benchmarks.errors import UserError
-from datasets._io import DATA_ROOT_ENV, Record, as_size, check_channels, check_fit, locate
+from datasets._io import (
+    DATA_ROOT_ENV,
+    Record,
+    as_names,
+    as_size,
+    check_channels,
+    check_fit,
+    locate,
+)
 from datasets._split import DEFAULT_FRACTIONS, split_dataset
 from datasets.base import DATASETS, SPLITS, ArrayDataset
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def read_table(path: Path, *, name: str) -> pd.DataFrame:
     """The CSV at ``path`` with every cell as a string; an unreadable or empty table is a
     UserError naming it."""
+    import pandas as pd  # imported on use: `import datasets` stays light
+
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
@@ -115,6 +127,7 @@ def load_table(
     """The shared builder: read the table, resolve every file, read them once, return one
     split."""
     table = read_table(manifest, name=name)
+    class_names = as_names(class_names, name=name, option="class_names")
     base = manifest.parent if base_dir is None else base_dir
     images = _paths(table, image_col, image_pattern, what="image", path=manifest, name=name)
     if images is None:

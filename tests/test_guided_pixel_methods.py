@@ -55,14 +55,14 @@ MINE = (
 FAST = {
     "smoothgrad": {"n_samples": 6, "stdevs": 0.3},
     "integrated_gradients": {"n_steps": 16},
-    "lime": {"n_samples": 48, "grid": 4},
-    "kernelshap": {"n_samples": 48, "grid": 4},
+    "lime": {"n_samples": 32, "grid": 4},
+    "kernelshap": {"n_samples": 32, "grid": 4},
 }
 KNOBS = {
-    "smoothgrad": ("internal_batch_size", (1, 5, 1000)),
-    "integrated_gradients": ("internal_batch_size", (1, 7, 1000)),
-    "lime": ("perturbations_per_eval", (1, 7, 64)),
-    "kernelshap": ("perturbations_per_eval", (1, 7, 64)),
+    "smoothgrad": ("internal_batch_size", (2, 5, 1000)),
+    "integrated_gradients": ("internal_batch_size", (3, 1000)),
+    "lime": ("perturbations_per_eval", (5, 64)),
+    "kernelshap": ("perturbations_per_eval", (5, 64)),
 }
 LAYER = "features.4"  # SmallCNN's last conv, before its ReLU
 
@@ -87,17 +87,36 @@ class SmallCNN(nn.Module):
 
 
 class FunctionalCNN(SmallCNN):
-    """The same function as SmallCNN, its ReLUs applied by each functional entry point."""
+    """The same function as SmallCNN, its three ReLUs applied by the functional entry points
+    ``relus`` names (in place or not)."""
+
+    def __init__(self, relus):
+        super().__init__()
+        self.relus = relus
 
     def forward(self, x):
         conv1, _, conv2, _, conv3, _ = self.features
-        x = F.relu(conv1(x), inplace=True)
-        x = torch.relu(conv2(x)).clone()
-        x = conv3(x).relu_()
+        for conv, relu in zip((conv1, conv2, conv3), self.relus, strict=True):
+            x = relu(conv(x))
         return self.head(x)
 
 
-def make_net(seed: int = 0, head_scale: float = 20.0) -> SmallCNN:
+FUNCTIONAL_RELUS = {
+    "F.relu_inplace-torch.relu-Tensor.relu_": (
+        lambda t: F.relu(t, inplace=True),
+        torch.relu,
+        torch.Tensor.relu_,
+    ),
+    "F.relu-Tensor.relu-torch.relu_": (F.relu, torch.Tensor.relu, torch.relu_),
+    "aten.relu-aten.relu.default-aten.relu_.default": (
+        torch.ops.aten.relu,
+        torch.ops.aten.relu.default,
+        torch.ops.aten.relu_.default,
+    ),
+}
+
+
+def make_net(seed: int = 0, head_scale: float = 300.0) -> SmallCNN:
     """A seeded SmallCNN in eval mode; the head is scaled up so logits move by O(1) when the
     input changes (LIME's Lasso would otherwise zero every coefficient of a random net)."""
     torch.manual_seed(seed)
@@ -144,7 +163,10 @@ def call(name, model, x, target, **options):
 # --- guided backprop, DeconvNet, Guided Grad-CAM vs captum ---------------------------------
 
 
-@pytest.mark.parametrize(("rule", "oracle", "name"), [("guided", GuidedBackprop, "guided_backprop"), ("deconvnet", Deconvolution, "deconvnet")])
+@pytest.mark.parametrize(
+    ("rule", "oracle", "name"),
+    [("guided", GuidedBackprop, "guided_backprop"), ("deconvnet", Deconvolution, "deconvnet")],
+)
 def test_modified_relu_matches_captum_on_module_relus(net, batch, rule, oracle, name):
     x, target = batch
     ref = oracle(net).attribute(x.clone(), target=target)
@@ -170,10 +192,13 @@ def test_guided_gradcam_matches_captum_bilinear(net, batch):
     torch.testing.assert_close(out.layer_maps, gradcam.layer_maps)
 
 
-@pytest.mark.parametrize(("rule", "oracle"), [("guided", GuidedBackprop), ("deconvnet", Deconvolution)])
-def test_functional_relus_are_guided(net, batch, rule, oracle):
+@pytest.mark.parametrize("relus", sorted(FUNCTIONAL_RELUS))
+@pytest.mark.parametrize(
+    ("rule", "oracle"), [("guided", GuidedBackprop), ("deconvnet", Deconvolution)]
+)
+def test_functional_relus_are_guided(net, batch, rule, oracle, relus):
     x, target = batch
-    functional = FunctionalCNN()
+    functional = FunctionalCNN(FUNCTIONAL_RELUS[relus])
     functional.load_state_dict(net.state_dict())
     functional.eval()
     torch.testing.assert_close(functional(x), net(x))  # the same function
@@ -184,10 +209,11 @@ def test_functional_relus_are_guided(net, batch, rule, oracle):
     assert float((missed - ref).abs().max()) > 0.05 * float(ref.abs().max())
 
 
+@pytest.mark.slow
 def test_resnet18_reused_inplace_relu_matches_captum():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=5).eval()
-    x, target = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 4])
+    x, target = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 4])
     calls = []
     handle = model.layer1[0].relu.register_forward_hook(lambda *_: calls.append(1))
     model(x)
@@ -217,28 +243,30 @@ class ModuleReluDenseNet(torchvision.models.DenseNet):
 def test_densenet121_functional_relu_is_guided():
     torch.manual_seed(0)
     model = torchvision.models.densenet121(weights=None, num_classes=5).eval()
-    variant = ModuleReluDenseNet(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=5)
+    variant = ModuleReluDenseNet(
+        growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=5
+    )
     variant.load_state_dict(model.state_dict())
     variant.eval()
     x, target = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 4])
     with torch.no_grad():
-        torch.testing.assert_close(variant(x), model(x))
-    ref = {"guided": GuidedBackprop(variant).attribute(x.clone(), target=target)}
-    ref["deconvnet"] = Deconvolution(variant).attribute(x.clone(), target=target)
-    missed = GuidedBackprop(model).attribute(x.clone(), target=target)
-    for rule in ("guided", "deconvnet"):
-        ours = modified_relu_attribution(model, x, target, rule=rule)
-        assert_close_scaled(ours, ref[rule])
-        reduced, ref_reduced = ours.abs().amax(1), ref[rule].abs().amax(1)
-        assert float((minmax(reduced) - minmax(ref_reduced)).abs().max()) <= 1e-4
+        torch.testing.assert_close(variant(x[:1]), model(x[:1]))
+    ref = GuidedBackprop(variant).attribute(x.clone(), target=target)
+    ours = modified_relu_attribution(model, x, target, rule="guided")
+    assert_close_scaled(ours, ref)
+    assert float((minmax(ours.abs().amax(1)) - minmax(ref.abs().amax(1))).abs().max()) <= 1e-4
     # captum on the original leaves the final ReLU unguided, and that visibly changes the answer.
-    assert float((missed - ref["guided"]).abs().max()) > 0.05 * float(ref["guided"].abs().max())
+    # (DeconvNet's handling of functional ReLUs is the same code path, tested on FunctionalCNN.)
+    missed = GuidedBackprop(model).attribute(x.clone(), target=target)
+    assert float((missed - ref).abs().max()) > 0.05 * float(ref.abs().max())
 
 
 def test_no_relu_is_not_applicable(batch):
     x, target = batch
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4)
+    )
     for name in ("guided_backprop", "deconvnet"):
         with pytest.raises(NotApplicable, match="no ReLU"):
             call(name, model, x, target)
@@ -269,7 +297,9 @@ def test_smoothgrad_is_captum_noise_tunnel_with_per_image_seed(net, batch):
                 abs=True,
             )
         assert_close_scaled(maps[i], ref[0].amax(dim=0), tol=1e-5)
-    assert float((call("smoothgrad", net, x, target, seed=4).maps - maps).abs().max()) > 0  # the seed matters
+    assert (
+        float((call("smoothgrad", net, x, target, seed=4).maps - maps).abs().max()) > 0
+    )  # the seed matters
 
 
 def test_integrated_gradients_matches_captum_and_is_complete(net, batch):
@@ -279,14 +309,16 @@ def test_integrated_gradients_matches_captum_and_is_complete(net, batch):
     assert_close_scaled(maps, ref.sum(dim=1), tol=1e-5)
     with torch.no_grad():
         delta = (net(x) - net(torch.zeros_like(x))).gather(1, target[:, None])[:, 0]
-    # Completeness: the map sums to f(x) - f(0), up to the quadrature error of 64 steps.
-    torch.testing.assert_close(maps.sum(dim=(1, 2)), delta, rtol=2e-2, atol=1e-3 * float(delta.abs().max()))
+    # Completeness: the map sums to f(x) - f(0), up to the quadrature error of 64 steps on a
+    # piecewise-linear path (a few percent of the batch's largest change).
+    torch.testing.assert_close(
+        maps.sum(dim=(1, 2)), delta, rtol=2e-2, atol=2e-2 * float(delta.abs().max())
+    )
 
 
 @pytest.mark.parametrize(("name", "oracle"), [("lime", Lime), ("kernelshap", KernelShap)])
 def test_surrogates_match_captum_with_per_image_seed(net, batch, name, oracle):
     x, target = batch
-    x, target = x[:2], target[:2]
     opts = FAST[name]
     maps = call(name, net, x, target, seed=5).maps
     mask = grid_feature_mask(24, 24, opts["grid"])
@@ -311,7 +343,9 @@ def test_kernelshap_is_efficient(net, batch):
     x, target = batch
     maps = call("kernelshap", net, x, target).maps
     mask = grid_feature_mask(24, 24, FAST["kernelshap"]["grid"])[0, 0]
-    first_pixel = torch.stack([(mask == k).flatten().nonzero()[0, 0] for k in range(int(mask.max()) + 1)])
+    first_pixel = torch.stack(
+        [(mask == k).flatten().nonzero()[0, 0] for k in range(int(mask.max()) + 1)]
+    )
     per_cell = maps.flatten(1)[:, first_pixel].sum(dim=1)
     with torch.no_grad():
         delta = (net(x) - net(torch.zeros_like(x))).gather(1, target[:, None])[:, 0]
@@ -324,7 +358,9 @@ def test_kernelshap_is_efficient(net, batch):
 def test_gaussian_is_scipy_gaussian_window_outer_product(net):
     x = torch.randn(3, 3, 20, 30)
     maps = call("gaussian", net, x, torch.zeros(3, dtype=torch.long), sigma=0.2).maps
-    ref = np.outer(scipy.signal.windows.gaussian(20, 0.2 * 20), scipy.signal.windows.gaussian(30, 0.2 * 30))
+    ref = np.outer(
+        scipy.signal.windows.gaussian(20, 0.2 * 20), scipy.signal.windows.gaussian(30, 0.2 * 30)
+    )
     for m in maps:
         np.testing.assert_allclose(m.numpy(), ref, rtol=1e-6, atol=1e-7)
 
@@ -332,7 +368,9 @@ def test_gaussian_is_scipy_gaussian_window_outer_product(net):
 def test_activation_map_is_mean_channel_activation_upsampled(net, batch):
     x, target = batch
     captured = []
-    handle = dict(net.named_modules())[LAYER].register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+    handle = dict(net.named_modules())[LAYER].register_forward_hook(
+        lambda m, i, o: captured.append(o.detach())
+    )
     with torch.no_grad():
         net(x)
     handle.remove()
@@ -350,7 +388,9 @@ def test_activation_map_is_mean_channel_activation_upsampled(net, batch):
 def test_batch_invariance(net, batch, name):
     x, target = batch
     whole = call(name, net, x, target).maps
-    alone = torch.cat([call(name, net, x[i : i + 1], target[i : i + 1]).maps for i in range(x.shape[0])])
+    alone = torch.cat(
+        [call(name, net, x[i : i + 1], target[i : i + 1]).maps for i in range(x.shape[0])]
+    )
     scale = max(float(whole.abs().max()), 1e-12)
     assert float((whole - alone).abs().max()) <= 1e-5 * scale
 
@@ -393,7 +433,10 @@ def _state(model: nn.Module):
         [p.requires_grad for p in model.parameters()],
         [p.grad is None for p in model.parameters()],
         sum(
-            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+            len(m._forward_hooks)
+            + len(m._forward_pre_hooks)
+            + len(m._backward_hooks)
+            + len(m._backward_pre_hooks)
             for m in model.modules()
         ),
     )

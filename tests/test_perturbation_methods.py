@@ -282,8 +282,10 @@ def test_scorecam_matches_pytorch_grad_cam(softmax_target):
     assert got.maps.shape == (4, 32, 32) and got.layer_maps.shape == (4, 16, 16)
     torch.testing.assert_close(minmax(got.maps), minmax(full), rtol=0, atol=1e-4)
     torch.testing.assert_close(minmax(got.layer_maps), minmax(layer), rtol=0, atol=1e-4)
-    if not softmax_target:  # the channel weights are far from uniform: the test can tell them apart
-        assert float(got.extras["weights"].max(dim=1).values.min()) > 3.0 / 12
+    # The weighting matters here: equal channel weights give a map further from the oracle's
+    # than ten times the tolerance.
+    uniform = np.maximum(activations.mean(axis=1), 0)
+    assert float((minmax(uniform) - minmax(layer)).abs().max()) > 1e-3
 
 
 class ChannelProbe(nn.Module):

@@ -1,0 +1,214 @@
+"""The method contract, generated from the registry, so every method is covered the day it
+is registered (timm ``tests/test_models.py``; captum ``tests/attr/test_hook_removal.py``).
+
+For every entry of ``cams.METHODS``, called with its default options on a small GAP CNN:
+
+- it returns finite float32 (B, H, W) maps at input size for a batch of 4, on a 1-channel
+  and a 3-channel model;
+- a batch gives the maps of its images explained one at a time;
+- the model leaves a normal call, a call with an out-of-range class (which must raise a
+  ValueError naming it), and a call whose target layer raises, as it came: no module or
+  global hook left, the same ``training`` and ``requires_grad`` flags, the same parameters
+  and buffers, no ``.grad`` accumulated, and the global RNG state untouched.
+
+A method that cannot apply to the model raises ``NotApplicable`` and is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.modules.module as module_globals
+from torch import nn
+
+from benchmarks.errors import NotApplicable
+from cams import METHODS, Explanation
+from cams.hooks import auto_layer_name
+
+pytestmark = pytest.mark.methods
+
+NAMES = METHODS.names()
+N_CLASSES = 3
+SIZE = 32
+TARGET = torch.tensor([0, 1, 2, 0])
+BAD_CLASS = 7
+MODULE_HOOKS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+)
+GLOBAL_HOOKS = tuple(
+    name
+    for name in dir(module_globals)
+    if name.startswith("_global_") and name.endswith("hooks") and isinstance(getattr(module_globals, name), dict)
+)
+
+
+class SmallGapCNN(nn.Module):
+    """conv-BN-ReLU, max-pool, conv-BN-ReLU -> GAP -> Dropout -> Linear.
+
+    The first conv is frozen and the dropout (p = 0, so the output is deterministic) is left
+    in training mode in an otherwise eval model: a method that flips either is caught.
+    """
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(p=0.0)
+        self.fc = nn.Linear(16, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.pool(self.features(x)).flatten(1)))
+
+
+def make_model(in_channels: int) -> SmallGapCNN:
+    torch.manual_seed(0)
+    model = SmallGapCNN(in_channels).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    model.features[0].requires_grad_(False)
+    model.drop.train()
+    return model
+
+
+def make_input(in_channels: int) -> torch.Tensor:
+    return torch.rand(4, in_channels, SIZE, SIZE, generator=torch.Generator().manual_seed(in_channels))
+
+
+def explain(name: str, model: nn.Module, x: torch.Tensor, target) -> Explanation:
+    return METHODS.get(name).obj(model, x, target)
+
+
+def runs_model(name: str) -> bool:
+    """Baselines that cost no pass never run the model (so cannot see its classes or layers)."""
+    return METHODS.get(name).info.cost.strip() != "0"
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("name", NAMES)
+def test_maps_are_finite_float32_at_input_size(name, in_channels):
+    model, x = make_model(in_channels), make_input(in_channels)
+    try:
+        out = explain(name, model, x, TARGET)
+    except NotApplicable as exc:
+        pytest.skip(f"{name} not applicable: {exc}")
+    assert isinstance(out, Explanation)
+    assert out.maps.dtype == torch.float32
+    assert tuple(out.maps.shape) == (4, SIZE, SIZE)
+    assert bool(torch.isfinite(out.maps).all())
+    if out.layer_maps is not None:
+        assert out.layer_maps.dim() == 3 and out.layer_maps.shape[0] == 4
+        assert bool(torch.isfinite(out.layer_maps).all())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_invariance(name):
+    """Explaining a batch of 4 gives each image's map explained alone (to 1e-5 of its scale)."""
+    model, x = make_model(3), make_input(3)
+    try:
+        batched = explain(name, model, x, TARGET).maps
+    except NotApplicable as exc:
+        pytest.skip(f"{name} not applicable: {exc}")
+    single = torch.cat([explain(name, model, x[i : i + 1], TARGET[i : i + 1]).maps for i in range(4)])
+    scale = max(float(single.abs().max()), 1e-12)
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5 * scale)
+
+
+# --- model hygiene ------------------------------------------------------------------------
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "hooks": {
+            (mod_name, attr): len(getattr(mod, attr))
+            for mod_name, mod in model.named_modules()
+            for attr in MODULE_HOOKS
+            if hasattr(mod, attr)
+        },
+        "global_hooks": {name: len(getattr(module_globals, name)) for name in GLOBAL_HOOKS},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "rng": torch.random.get_rng_state(),
+    }
+
+
+def assert_as_it_came(model: nn.Module, before: dict, when: str) -> None:
+    after = snapshot(model)
+    leftover = {k: v for k, v in after["hooks"].items() if v != before["hooks"][k]}
+    assert not leftover, f"{when}: hooks left on modules: {leftover}"
+    assert after["global_hooks"] == before["global_hooks"], f"{when}: global module hooks left"
+    assert after["training"] == before["training"], f"{when}: training flags changed"
+    assert after["requires_grad"] == before["requires_grad"], f"{when}: requires_grad flags changed"
+    changed = [k for k, v in after["state"].items() if not torch.equal(v, before["state"][k])]
+    assert not changed, f"{when}: parameters or buffers changed: {changed}"
+    grads = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert not grads, f"{when}: .grad accumulated on {grads}"
+    assert torch.equal(after["rng"], before["rng"]), f"{when}: the global RNG state changed"
+
+
+@contextlib.contextmanager
+def raising_layer(layer: nn.Module):
+    """The target layer raises in its forward; the hook is removed after the call."""
+
+    def boom(module, inputs, output):
+        raise RuntimeError("target layer failed on purpose")
+
+    handle = layer.register_forward_hook(boom)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_left_as_it_came(name):
+    model, x = make_model(3), make_input(3)
+    layer = dict(model.named_modules())[auto_layer_name(model, x)]
+    before = snapshot(model)
+
+    applicable = True
+    try:
+        explain(name, model, x, TARGET)
+    except NotApplicable:
+        applicable = False
+    assert_as_it_came(model, before, "after a normal call")
+
+    bad = TARGET.clone()
+    bad[2] = BAD_CLASS
+    if runs_model(name):
+        expected = ValueError if applicable else (ValueError, NotApplicable)
+        with pytest.raises(expected) as info:
+            explain(name, model, x, bad)
+        if info.type is not NotApplicable:
+            assert str(BAD_CLASS) in str(info.value), f"the error does not name class {BAD_CLASS}: {info.value}"
+    else:
+        # It never runs the model, so it cannot know the number of classes; it must not fail.
+        explain(name, model, x, bad)
+    assert_as_it_came(model, before, "after a bad target")
+
+    with raising_layer(layer):
+        if runs_model(name):
+            with pytest.raises((RuntimeError, NotApplicable)):
+                explain(name, model, x, TARGET)
+        else:
+            explain(name, model, x, TARGET)
+    assert_as_it_came(model, before, "after a raising layer")
