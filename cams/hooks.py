@@ -142,6 +142,7 @@ def auto_layer_name(model: nn.Module, x: torch.Tensor) -> str:
     with model_guard(model) as handles:
         for module in names:
             handles.append(module.register_forward_hook(record))
+        model.eval()  # no BatchNorm statistics update, and one image is a valid batch
         with torch.inference_mode():
             model(x[:1])
     if not finished:

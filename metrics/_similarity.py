@@ -33,8 +33,12 @@ def _check(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor | None) -> None
         raise ValueError(
             f"maps must be two (B, H, W) tensors of the same shape; got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != tuple(a.shape[1:])):
-        raise ValueError(f"valid must be an (H, W) bool mask matching the maps, got {tuple(valid.shape)} {valid.dtype}")
+    if valid is not None and (
+        valid.dtype != torch.bool or tuple(valid.shape) != tuple(a.shape[1:])
+    ):
+        raise ValueError(
+            f"valid must be an (H, W) bool mask matching the maps, got {tuple(valid.shape)} {valid.dtype}"
+        )
 
 
 def _flat(maps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -54,7 +58,9 @@ def average_ranks(values: torch.Tensor) -> torch.Tensor:
     new_group[:, 1:] = sorted_vals[:, 1:] != sorted_vals[:, :-1]
     group = torch.cumsum(new_group.long(), dim=1) - 1  # tie-group id of each sorted position
     position = torch.arange(1, n + 1, dtype=torch.float64, device=values.device).expand(b, n)
-    total = torch.zeros(b, n, dtype=torch.float64, device=values.device).scatter_add_(1, group, position)
+    total = torch.zeros(b, n, dtype=torch.float64, device=values.device).scatter_add_(
+        1, group, position
+    )
     count = torch.zeros(b, n, dtype=torch.float64, device=values.device).scatter_add_(
         1, group, torch.ones_like(position)
     )
@@ -73,7 +79,9 @@ def _pearson_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return r.clamp(-1.0, 1.0)
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor, *, valid: torch.Tensor | None = None) -> torch.Tensor:
+def spearman(
+    a: torch.Tensor, b: torch.Tensor, *, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Spearman rank correlation of each pair of maps over their (valid) pixels, (B,).
 
     >>> a = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
@@ -114,7 +122,9 @@ def resolve_k(k: float | int, n: int) -> int:
         raise UserError(f"k must be a pixel count (int) or a fraction in (0, 1] (float), got {k!r}")
     if isinstance(k, float):
         if not 0.0 < k <= 1.0:
-            raise UserError(f"k as a fraction must be in (0, 1], got {k}; pass an int for a pixel count")
+            raise UserError(
+                f"k as a fraction must be in (0, 1], got {k}; pass an int for a pixel count"
+            )
         return max(1, min(n, int(round(k * n))))
     if k < 1:
         raise UserError(f"k must be at least one pixel, got {k}")
@@ -218,10 +228,15 @@ def ssim(
     var_a = smooth(a * a) - mu_a * mu_a
     var_b = smooth(b * b) - mu_b * mu_b
     cov = smooth(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
     if valid is None:
         return s.mean(dim=(1, 2))
-    inside = F.conv2d(valid.double().to(a.device)[None, None], torch.ones_like(window))[0, 0] >= size * size - 0.5
+    inside = (
+        F.conv2d(valid.double().to(a.device)[None, None], torch.ones_like(window))[0, 0]
+        >= size * size - 0.5
+    )
     if not bool(inside.any()):
         raise UserError(
             f"the valid region is too small for the {size}x{size} SSIM window; use a smaller "
@@ -233,7 +248,14 @@ def ssim(
 SIMILARITIES = ("spearman", "ssim", "topk")
 
 
-def similarity(name: str, a: torch.Tensor, b: torch.Tensor, *, k: float | int = 0.1, valid: torch.Tensor | None = None) -> torch.Tensor:
+def similarity(
+    name: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    k: float | int = 0.1,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The named similarity ("spearman", "ssim" or "topk") of each pair of maps, (B,)."""
     if name == "spearman":
         return spearman(a, b, valid=valid)
@@ -242,4 +264,3 @@ def similarity(name: str, a: torch.Tensor, b: torch.Tensor, *, k: float | int = 
     if name == "topk":
         return topk_intersection(a, b, k=k, valid=valid)
     raise UserError(f"unknown similarity {name!r}; choose from {', '.join(SIMILARITIES)}")
-

@@ -90,18 +90,23 @@ def attack_inputs(
     Madry et al.) projected on the ball; the result is clipped to [0, 1]. The model leaves
     as it came (no parameter gradient is computed)."""
     if not epsilon >= 0:
-        raise UserError(f"epsilon must be >= 0 (an L-inf radius on the [0, 1] scale), got {epsilon}")
+        raise UserError(
+            f"epsilon must be >= 0 (an L-inf radius on the [0, 1] scale), got {epsilon}"
+        )
     if attack not in ("fgsm", "pgd"):
         raise UserError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
     if attack == "pgd" and steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
     inputs = x.detach().clone().requires_grad_(True)
+    target = target.clone()  # an inference-mode tensor cannot be saved for the backward pass
     with model_guard(model), warnings.catch_warnings():
         for p in model.parameters():
             p.requires_grad_(False)  # restored by model_guard; only the input gradient is needed
         # PGD hands captum's FGSM detached inputs on every step and FGSM then warns that it set
         # requires_grad itself; that is expected here, not a problem to report.
-        warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
+        warnings.filterwarnings(
+            "ignore", message="Input Tensor .* did not already require gradients"
+        )
         if attack == "fgsm":
             out = FGSM(model, loss_func=_per_sample_ce, lower_bound=0.0, upper_bound=1.0).perturb(
                 inputs, epsilon, target
@@ -135,7 +140,9 @@ def prediction_attack(
     original map, where an FGSM/PGD attack flipped the prediction (lower is better)."""
     require_explainer(ctx, "prediction_attack")
     pred = ctx.logits.argmax(dim=1).to(ctx.device)
-    x_adv = attack_inputs(ctx.model, ctx.x, pred, attack=attack, epsilon=epsilon, steps=steps, step_size=step_size)
+    x_adv = attack_inputs(
+        ctx.model, ctx.x, pred, attack=attack, epsilon=epsilon, steps=steps, step_size=step_size
+    )
     new_pred = predicted(ctx, x_adv)
     flipped = new_pred != pred
     before = ctx.maps.to(ctx.device).float()
@@ -162,7 +169,9 @@ def prediction_attack(
 
 # --- explanation attack --------------------------------------------------------------------
 
-_RELU_CALLS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
+_RELU_CALLS = frozenset(
+    {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+)
 
 
 class SoftplusReLU(TorchFunctionMode):
@@ -212,7 +221,9 @@ def surrogate_maps(
     raise UserError(f"surrogate must be 'gradcam' or 'saliency', got {surrogate!r}")
 
 
-def _objective(maps: torch.Tensor, objective: Objective, top_mask: torch.Tensor, center0: torch.Tensor) -> torch.Tensor:
+def _objective(
+    maps: torch.Tensor, objective: Objective, top_mask: torch.Tensor, center0: torch.Tensor
+) -> torch.Tensor:
     """Per-sample loss (B,) to minimise."""
     if objective == "topk":
         mass = maps.clamp_min(0).reshape(maps.shape[0], -1)
@@ -234,21 +245,25 @@ def explanation_attack_inputs(
 ) -> torch.Tensor:
     """The perturbed inputs of the explanation attack (see the module docstring)."""
     if not epsilon >= 0:
-        raise UserError(f"epsilon must be >= 0 (an L-inf radius on the [0, 1] scale), got {epsilon}")
+        raise UserError(
+            f"epsilon must be >= 0 (an L-inf radius on the [0, 1] scale), got {epsilon}"
+        )
     if steps < 0:
         raise UserError(f"steps must be >= 0, got {steps}")
     if objective not in ("topk", "center"):
         raise UserError(f"objective must be 'topk' or 'center', got {objective!r}")
     model = ctx.model
     x0 = ctx.x.detach()
-    label = ctx.logits.argmax(dim=1).to(ctx.device)
+    label = ctx.logits.argmax(dim=1).to(ctx.device).clone()  # a normal tensor, gather saves it
     b = x0.shape[0]
     maps0 = ctx.maps.to(ctx.device).float()
     count = resolve_k(k, maps0[0].numel())
     top_idx = torch.sort(-maps0.reshape(b, -1), dim=1, stable=True).indices[:, :count]
     top_mask = torch.zeros(b, maps0[0].numel(), device=ctx.device).scatter_(1, top_idx, 1.0)
     center0 = center_of_mass(maps0).to(maps0.dtype)
-    alpha = torch.full((b, 1, 1, 1), epsilon / 4 if step_size is None else float(step_size), device=ctx.device)
+    alpha = torch.full(
+        (b, 1, 1, 1), epsilon / 4 if step_size is None else float(step_size), device=ctx.device
+    )
     x = x0.clone()
     if epsilon == 0:
         return x
@@ -261,10 +276,14 @@ def explanation_attack_inputs(
                 maps = surrogate_maps(model, xr, label, surrogate=surrogate, layer=layer, beta=beta)
                 loss = _objective(maps.float(), objective, top_mask, center0)
                 (grad,) = torch.autograd.grad(loss.sum(), xr)
-            candidate = torch.minimum(torch.maximum(x - alpha * grad.sign(), x0 - epsilon), x0 + epsilon).clamp(0, 1)
+            candidate = torch.minimum(
+                torch.maximum(x - alpha * grad.sign(), x0 - epsilon), x0 + epsilon
+            ).clamp(0, 1)
             ok = (predicted(ctx, candidate) == label).reshape(b, 1, 1, 1)
             x = torch.where(ok, candidate, x)
-            alpha = torch.where(ok, alpha, alpha / 2)  # a rejected image retries with a smaller step
+            alpha = torch.where(
+                ok, alpha, alpha / 2
+            )  # a rejected image retries with a smaller step
     return x.detach()
 
 
@@ -292,8 +311,15 @@ def explanation_attack(
     keeps the predicted class with the original map (higher = more robust)."""
     require_explainer(ctx, "explanation_attack")
     x_adv = explanation_attack_inputs(
-        ctx, epsilon=epsilon, steps=steps, step_size=step_size, objective=objective, k=k,
-        surrogate=surrogate, layer=layer, beta=beta,
+        ctx,
+        epsilon=epsilon,
+        steps=steps,
+        step_size=step_size,
+        objective=objective,
+        k=k,
+        surrogate=surrogate,
+        layer=layer,
+        beta=beta,
     )
     label = ctx.logits.argmax(dim=1).to(ctx.device)
     kept = (predicted(ctx, x_adv) == label).cpu().numpy()

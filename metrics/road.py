@@ -13,10 +13,10 @@ are its right-hand sides: 1- and 3-channel images alike). Gaussian noise of std 
 the reference imputes on too.
 
 ``road_morf`` and ``road_lerf``: for each removal share p in ``percentages`` (default
-0.1, 0.2, ..., 0.9), remove floor(p * H * W) pixels (as the reference and Quantus), most relevant first (MoRF) or least
-relevant first (LeRF), impute, and record the explained class's softmax probability
-(``score="logit"`` is offered). The curve has one point per percentage; the value is its
-mean. MoRF: lower is better; LeRF: higher is better.
+0.1, 0.2, ..., 0.9), remove floor(p * H * W) pixels (as the reference and Quantus do), most
+relevant first (MoRF) or least relevant first (LeRF), impute, and record the explained
+class's softmax probability (``score="logit"`` is offered). The curve has one point per
+percentage; the value is its mean. MoRF: lower is better; LeRF: higher is better.
 
 Differences from the reference code, on purpose: ties in the map keep raster order (a
 stable sort) instead of being broken by random noise of 1e-4, so results are
@@ -159,7 +159,7 @@ def road_curve(
 ) -> np.ndarray:
     """Class scores after removing and imputing each share of pixels, (B, len(percentages))."""
     shares = _check_percentages(percentages)
-    b, _, h, w = ctx.x.shape
+    b = ctx.x.shape[0]
     ranks, n_pixels = region_ranks(ctx.maps, 1, order)  # pixel -> removal rank
 
     def stream():

@@ -34,7 +34,7 @@ makes the whole sample NaN as soon as one draw changes it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +50,9 @@ from metrics.perturbations import blur
 def require_explainer(ctx: MetricContext, metric: str) -> Callable[..., torch.Tensor]:
     """``ctx.explain``, or ``NotApplicable`` when the context cannot re-explain."""
     if ctx.explain is None:
-        raise NotApplicable(f"{metric} re-explains inputs and needs ctx.explain (the method under test)")
+        raise NotApplicable(
+            f"{metric} re-explains inputs and needs ctx.explain (the method under test)"
+        )
     return ctx.explain
 
 
@@ -62,7 +64,9 @@ def explain_batched(
     maps = []
     for xs, ts in zip(rebatch([x], ctx.batch_size), rebatch([target], ctx.batch_size), strict=True):
         maps.append(explain(model, xs, ts).detach().float())
-    return torch.cat(maps).to(ctx.device) if maps else torch.empty(0, *x.shape[-2:], device=ctx.device)
+    return (
+        torch.cat(maps).to(ctx.device) if maps else torch.empty(0, *x.shape[-2:], device=ctx.device)
+    )
 
 
 def predicted(ctx: MetricContext, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +91,9 @@ def _same(maps: torch.Tensor) -> torch.Tensor:
 
 
 def noise(x: torch.Tensor, gens: list[torch.Generator], strength: float) -> Transformed:
-    eps = torch.stack([torch.randn(tuple(img.shape), generator=g) for img, g in zip(x, gens, strict=True)])
+    eps = torch.stack(
+        [torch.randn(tuple(img.shape), generator=g) for img, g in zip(x, gens, strict=True)]
+    )
     return Transformed((x + float(strength) * eps.to(x)).clamp(0, 1), _same)
 
 
@@ -106,7 +112,9 @@ def _shift_tensor(t: torch.Tensor, s: int) -> torch.Tensor:
 def shift(x: torch.Tensor, gens: list[torch.Generator], strength: float) -> Transformed:
     s = int(strength)
     if s != strength or 2 * abs(s) >= min(x.shape[-2:]):
-        raise UserError(f"shift strength must be a whole number of pixels below half the image size, got {strength}")
+        raise UserError(
+            f"shift strength must be a whole number of pixels below half the image size, got {strength}"
+        )
     valid = torch.zeros(x.shape[-2:], dtype=torch.bool, device=x.device)
     if s >= 0:
         valid[s:, s:] = True
@@ -169,7 +177,9 @@ TRANSFORMS: dict[str, tuple[Callable[..., Transformed], float | None]] = {
 }
 
 
-def apply_transform(ctx: MetricContext, transform: str, strength: float | None = None) -> Transformed:
+def apply_transform(
+    ctx: MetricContext, transform: str, strength: float | None = None
+) -> Transformed:
     """The named transform of ``ctx.x`` (seeded per sample for random ones)."""
     if transform not in TRANSFORMS:
         raise UserError(f"unknown transform {transform!r}; choose from {', '.join(TRANSFORMS)}")
@@ -208,18 +218,26 @@ def stability(
     }
     drop = ~kept.cpu().numpy()
     values = {name: np.where(drop, np.nan, v.cpu().numpy()) for name, v in sims.items()}
-    return Scores(values={"value": values[similarity], **values, "prediction_kept": (~drop).astype(np.float64)})
+    return Scores(
+        values={
+            "value": values[similarity],
+            **values,
+            "prediction_kept": (~drop).astype(np.float64),
+        }
+    )
 
 
-def linf_uniform_deltas(ctx: MetricContext, *, n_samples: int, radius: float) -> torch.Tensor:
-    """Perturbations (n_samples, B, C, H, W), uniform in [-radius, radius] per pixel, seeded
-    per sample (the same draws whatever batch a sample is in)."""
-    shape = (n_samples, *ctx.x.shape[1:])
-    draws = [
-        torch.rand(shape, generator=ctx.generator(i, salt="max_sensitivity"), dtype=torch.float64)
-        for i in range(ctx.x.shape[0])
-    ]
-    return ((torch.stack(draws, dim=1) * 2 - 1) * radius).to(ctx.x)
+def linf_uniform_deltas(
+    ctx: MetricContext, *, n_samples: int, radius: float
+) -> Iterator[torch.Tensor]:
+    """``n_samples`` perturbations (B, C, H, W), one after the other, uniform in
+    [-radius, radius] per pixel; each image draws from its own seeded stream, so it gets the
+    same draws whatever batch it is in."""
+    gens = [ctx.generator(i, salt="max_sensitivity") for i in range(ctx.x.shape[0])]
+    shape = tuple(ctx.x.shape[1:])
+    for _ in range(n_samples):
+        draws = torch.stack([torch.rand(shape, generator=g, dtype=torch.float64) for g in gens])
+        yield ((draws * 2 - 1) * radius).to(ctx.x)
 
 
 @METRICS.register(
@@ -243,18 +261,21 @@ def max_sensitivity(
         raise UserError(f"n_samples must be >= 1, got {n_samples}")
     if not radius >= 0:
         raise UserError(f"radius must be >= 0, got {radius}")
-    deltas = linf_uniform_deltas(ctx, n_samples=n_samples, radius=radius)
-    b = ctx.x.shape[0]
-    x_pert = (ctx.x[None] + deltas).reshape(n_samples * b, *ctx.x.shape[1:])
-    target = ctx.target.repeat(n_samples)
-    maps = explain_batched(ctx, ctx.model, x_pert, target).double().reshape(n_samples, b, -1)
-    base = ctx.maps.to(ctx.device).double().reshape(1, b, -1)
-    denom = base.norm(dim=2)
-    ratio = (maps - base).norm(dim=2) / denom.clamp_min(1e-300)  # (n_samples, B)
-    if skip_changed:
-        # Quantus return_nan_when_prediction_changes=True: a draw that flips the class is NaN.
-        changed = (predicted(ctx, x_pert) != ctx.logits.argmax(dim=1).repeat(n_samples)).reshape(n_samples, b)
-        ratio = torch.where(changed, torch.full_like(ratio, float("nan")), ratio)
+    base = ctx.maps.to(ctx.device).double().flatten(1)
+    denom = base.norm(dim=1)
+    label = ctx.logits.argmax(dim=1).to(ctx.device)
+    ratios = []
+    # One draw at a time: memory stays at one perturbed batch whatever n_samples is.
+    for delta in linf_uniform_deltas(ctx, n_samples=n_samples, radius=radius):
+        x_pert = ctx.x + delta
+        maps = explain_batched(ctx, ctx.model, x_pert, ctx.target).double().flatten(1)
+        ratio = (maps - base).norm(dim=1) / denom.clamp_min(1e-300)
+        if skip_changed:
+            ratio = torch.where(
+                predicted(ctx, x_pert) != label, torch.full_like(ratio, float("nan")), ratio
+            )
+        ratios.append(ratio)
+    ratio = torch.stack(ratios)  # (n_samples, B)
     value = np.fmax.reduce(ratio.cpu().numpy(), axis=0)  # ignores NaN draws; all NaN -> NaN
     value = np.where(denom.reshape(-1).cpu().numpy() > 0, value, np.nan)
     return Scores(values={"value": value})

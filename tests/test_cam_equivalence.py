@@ -47,7 +47,9 @@ class GapCNN(nn.Module):
 
     def __init__(self, in_channels: int = 3, n_classes: int = N_CLASSES):
         super().__init__()
-        self.features = nn.Sequential(_block(in_channels, 8), nn.MaxPool2d(2), _block(8, 16), _block(16, 16))
+        self.features = nn.Sequential(
+            _block(in_channels, 8), nn.MaxPool2d(2), _block(8, 16), _block(16, 16)
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(16, n_classes)
@@ -101,7 +103,9 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def check_gradcam_is_cam(model: nn.Module, layer_name: str, x: torch.Tensor, target: torch.Tensor) -> None:
+def check_gradcam_is_cam(
+    model: nn.Module, layer_name: str, x: torch.Tensor, target: torch.Tensor
+) -> None:
     """Every closed-form identity of the module docstring, on one model and layer."""
     layer = dict(model.named_modules())[layer_name]
     feats = layer_output(model, layer, x)  # (B, K, h, w)
@@ -148,7 +152,9 @@ def test_probability_target_breaks_proportionality(gapcnn, batch):
 
     logit_alpha = weight[target] / z
     cosine = F.cosine_similarity(prob.extras["alpha"].double(), logit_alpha.double(), dim=1)
-    assert bool((cosine.abs() < 0.99).all()), f"alpha unexpectedly parallel to W[c]: cosine {cosine}"
+    assert bool((cosine.abs() < 0.99).all()), (
+        f"alpha unexpectedly parallel to W[c]: cosine {cosine}"
+    )
 
     # The map is not a multiple of ReLU(CAM) either: best scalar fit leaves a large residual.
     cam = explain("cam", gapcnn, x, target)
@@ -156,7 +162,9 @@ def test_probability_target_breaks_proportionality(gapcnn, batch):
     got = prob.layer_maps.flatten(1).double()
     scale = (got * ref).sum(1) / (ref * ref).sum(1)
     residual = (got - scale[:, None] * ref).norm(dim=1) / got.norm(dim=1).clamp_min(1e-30)
-    assert bool((residual > 0.05).any()), f"probability map proportional to ReLU(CAM): residual {residual}"
+    assert bool((residual > 0.05).any()), (
+        f"probability map proportional to ReLU(CAM): residual {residual}"
+    )
 
 
 def test_gradcampp_renormalized_is_cam_over_positive_channels(gapcnn, batch):
@@ -190,7 +198,9 @@ def test_zoo_gapcnn_equivalence():
     try:
         from benchmarks.zoo import MODELS, build_model
     except ImportError:
-        pytest.skip("benchmarks.zoo is not written yet; the equivalence on a zoo model waits for it")
+        pytest.skip(
+            "benchmarks.zoo is not written yet; the equivalence on a zoo model waits for it"
+        )
     if "gapcnn" not in MODELS:
         pytest.skip("benchmarks.zoo has no 'gapcnn' model yet")
     torch.manual_seed(0)

@@ -432,7 +432,7 @@ def mean_score(metric, model, x, maps, masks, **options) -> float:
 @pytest.mark.parametrize(
     "metric,options,higher",
     [
-        (aopc_morf, dict(region=4, perturbation="zero"), True),
+        (aopc_morf, dict(region=4, steps=16, perturbation="zero"), True),
         (deletion, dict(step=16), False),
         (insertion, dict(step=16), True),
         (pointing_game, {}, True),

@@ -152,10 +152,10 @@ def _pgc_classes() -> dict[str, type]:
 # of that tensor before any in-place change. After ``features`` (in-place ReLU next) the two
 # disagree; ``features.denseblock4`` feeds norm5, out of place. Grad-CAM++ and XGrad-CAM
 # divide by a channel's activation sum S (2 g^2 + S g^3, resp. S). The block's output is
-# signed, so S comes near 0 and the libraries' different eps (1e-6, 1e-7 vs none) and
-# float32 rounding are amplified (measured 2e-5 relative for XGrad-CAM, 7e-4 for
-# Grad-CAM++ with the scaled head). Both formulas are derived for post-ReLU activations (S >= 0); on such a layer
-# they are well conditioned, so those two are compared on the last dense layer's relu2.
+# signed, so S comes near 0 and the libraries' eps (1e-6, 1e-7; we have none) and float32
+# rounding are amplified: measured 2e-5 relative for XGrad-CAM and 7e-4 for Grad-CAM++ (head
+# x 1e3). Both formulas are derived for post-ReLU activations (S >= 0), where they are well
+# conditioned, so those two are compared on the last dense layer's relu2.
 DENSE_BLOCK = "features.denseblock4"
 DENSE_RELU = "features.denseblock4.denselayer16.relu2"
 PGC_CASES = [("resnet18", "layer4", name) for name in CAM_NAMES]
@@ -185,7 +185,9 @@ def test_matches_pytorch_grad_cam(scaled_models, x, arch, layer, name):
     # scaling, so only float32 rounding and its 1e-7 eps in the scaling remain. Measured:
     # <= 3e-6; 1e-4 leaves room for other BLAS builds.
     diff = (minmax(ours.maps) - minmax(upsampled)).abs().max()
-    assert float(diff) <= 1e-4, f"{name} vs pytorch-grad-cam at input size: max |diff| = {float(diff):.2e}"
+    assert float(diff) <= 1e-4, (
+        f"{name} vs pytorch-grad-cam at input size: max |diff| = {float(diff):.2e}"
+    )
 
 
 # --- torchcam: XGrad-CAM, LayerCAM (and Grad-CAM) ---------------------------------------------
@@ -281,8 +283,12 @@ def test_other_variants_by_hand(toy):
     np.testing.assert_allclose((a * g).sum(axis=(1, 2)) / s, [2.5 / 6, -1 / 4])
     for name, want in expected.items():
         out = explain(name, model, x, target, layer="tap")
-        torch.testing.assert_close(out.layer_maps[0].double(), torch.from_numpy(want), rtol=1e-6, atol=1e-7)
-        assert torch.equal(out.layer_maps[1], torch.zeros(3, 3)), f"{name}: a dead target gives a zero map"
+        torch.testing.assert_close(
+            out.layer_maps[0].double(), torch.from_numpy(want), rtol=1e-6, atol=1e-7
+        )
+        assert torch.equal(out.layer_maps[1], torch.zeros(3, 3)), (
+            f"{name}: a dead target gives a zero map"
+        )
 
 
 # --- one pass, batch invariance, degenerate inputs ------------------------------------------
@@ -303,7 +309,12 @@ def test_batch_invariance(models, x, name):
     """A batch of 4 gives the maps of its images explained one at a time (eval-mode BN)."""
     model = models["resnet18"]
     batched = explain(name, model, x, TARGETS, layer="layer4").maps
-    single = torch.cat([explain(name, model, x[i : i + 1], TARGETS[i : i + 1], layer="layer4").maps for i in range(4)])
+    single = torch.cat(
+        [
+            explain(name, model, x[i : i + 1], TARGETS[i : i + 1], layer="layer4").maps
+            for i in range(4)
+        ]
+    )
     assert_rel_close(batched, single, rtol=1e-5)
 
 
@@ -356,7 +367,9 @@ def test_constant_map(name):
     """1x1 convolutions of a constant image give spatially constant features, so a constant
     map (which a min-max would divide by zero) comes out finite and constant."""
     model = _positive_tiny(1)
-    out = explain(name, model, torch.full((2, 1, 16, 16), 0.7), torch.tensor([0, 1]), layer="features")
+    out = explain(
+        name, model, torch.full((2, 1, 16, 16), 0.7), torch.tensor([0, 1]), layer="features"
+    )
     _assert_finite(out, (2, 16, 16))
     flat = out.maps.flatten(1)
     assert torch.equal(flat.min(dim=1).values, flat.max(dim=1).values)
@@ -379,5 +392,7 @@ def test_dead_target_gives_zero_map(name):
 def test_bilinear_upsampling_is_captums(models, x):
     """Input-size maps are the layer maps upsampled bilinearly with align_corners=False."""
     out = explain("gradcam", models["resnet18"], x, TARGETS, layer="layer3")
-    want = F.interpolate(out.layer_maps[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
+    want = F.interpolate(
+        out.layer_maps[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False
+    )[:, 0]
     torch.testing.assert_close(out.maps, want, rtol=0, atol=0)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.methods
 X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build(arch: str) -> nn.Module:
     torch.manual_seed(0)
     return getattr(torchvision.models, arch)(weights=None).eval()

@@ -46,7 +46,9 @@ MODULE_HOOKS = (
 GLOBAL_HOOKS = tuple(
     name
     for name in dir(module_globals)
-    if name.startswith("_global_") and name.endswith("hooks") and isinstance(getattr(module_globals, name), dict)
+    if name.startswith("_global_")
+    and name.endswith("hooks")
+    and isinstance(getattr(module_globals, name), dict)
 )
 
 
@@ -90,7 +92,9 @@ def make_model(in_channels: int) -> SmallGapCNN:
 
 
 def make_input(in_channels: int) -> torch.Tensor:
-    return torch.rand(4, in_channels, SIZE, SIZE, generator=torch.Generator().manual_seed(in_channels))
+    return torch.rand(
+        4, in_channels, SIZE, SIZE, generator=torch.Generator().manual_seed(in_channels)
+    )
 
 
 def explain(name: str, model: nn.Module, x: torch.Tensor, target) -> Explanation:
@@ -127,7 +131,9 @@ def test_batch_invariance(name):
         batched = explain(name, model, x, TARGET).maps
     except NotApplicable as exc:
         pytest.skip(f"{name} not applicable: {exc}")
-    single = torch.cat([explain(name, model, x[i : i + 1], TARGET[i : i + 1]).maps for i in range(4)])
+    single = torch.cat(
+        [explain(name, model, x[i : i + 1], TARGET[i : i + 1]).maps for i in range(4)]
+    )
     scale = max(float(single.abs().max()), 1e-12)
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-5 * scale)
 
@@ -199,7 +205,9 @@ def test_model_left_as_it_came(name):
         with pytest.raises(expected) as info:
             explain(name, model, x, bad)
         if info.type is not NotApplicable:
-            assert str(BAD_CLASS) in str(info.value), f"the error does not name class {BAD_CLASS}: {info.value}"
+            assert str(BAD_CLASS) in str(info.value), (
+                f"the error does not name class {BAD_CLASS}: {info.value}"
+            )
     else:
         # It never runs the model, so it cannot know the number of classes; it must not fail.
         explain(name, model, x, bad)

@@ -28,10 +28,12 @@ from metrics._similarity import (
     topk_intersection,
 )
 from metrics.adversarial import (
+    SoftplusReLU,
     attack_inputs,
     explanation_attack,
     explanation_attack_inputs,
     prediction_attack,
+    surrogate_maps,
 )
 from metrics.base import MetricContext
 from metrics.robustness import linf_uniform_deltas, max_sensitivity, stability
@@ -40,14 +42,32 @@ from metrics.sanity import model_randomization, randomization_steps
 pytestmark = pytest.mark.metrics
 
 
-def _ctx(model, x, explain, *, target=None, maps=None, seed=0) -> MetricContext:
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These tiny models run faster on one thread, and several times faster when other
+    # processes share the two cores (threads then wait on each other); restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ctx(model, x, explain, *, target=None, maps=None, seed=0, ids=None) -> MetricContext:
     with torch.inference_mode():
         logits = model(x)
     target = logits.argmax(1) if target is None else target
     maps = explain(model, x, target) if maps is None else maps
     return MetricContext(
-        model=model, x=x, labels=target, target=target, maps=maps, logits=logits,
-        ids=[f"s{i}" for i in range(len(x))], explain=explain, seed=seed, batch_size=8,
+        model=model,
+        x=x,
+        labels=target,
+        target=target,
+        maps=maps,
+        logits=logits,
+        ids=ids or [f"s{i}" for i in range(len(x))],
+        explain=explain,
+        seed=seed,
+        batch_size=8,
     )
 
 
@@ -57,8 +77,12 @@ def _minmax(a: np.ndarray) -> np.ndarray:
 
 def _skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
     return structural_similarity(
-        _minmax(a.astype(np.float64)), _minmax(b.astype(np.float64)), data_range=1.0,
-        gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        _minmax(a.astype(np.float64)),
+        _minmax(b.astype(np.float64)),
+        data_range=1.0,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
     )
 
 
@@ -82,7 +106,10 @@ def test_spearman_matches_scipy_with_ties_and_valid_region():
     valid[2:17, 3:20] = True
     for mask, sl in ((None, np.s_[:, :]), (valid, np.s_[2:17, 3:20])):
         got = spearman(a, b, valid=mask).numpy()
-        want = [spearmanr(p[sl].ravel(), q[sl].ravel()).statistic for p, q in zip(a.numpy(), b.numpy(), strict=True)]
+        want = [
+            spearmanr(p[sl].ravel(), q[sl].ravel()).statistic
+            for p, q in zip(a.numpy(), b.numpy(), strict=True)
+        ]
         np.testing.assert_allclose(got, want, rtol=1e-10)
     np.testing.assert_allclose(
         average_ranks(torch.tensor([[3.0, 1.0, 3.0, 2.0]])).numpy(), [[3.5, 1.0, 3.5, 2.0]]
@@ -90,7 +117,10 @@ def test_spearman_matches_scipy_with_ties_and_valid_region():
 
 
 def test_spearman_of_constant_maps_follows_the_documented_convention():
-    const, varying = torch.zeros(1, 8, 8), torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(2))
+    const, varying = (
+        torch.zeros(1, 8, 8),
+        torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(2)),
+    )
     assert spearman(const, const).item() == 1.0
     assert spearman(const, varying).item() == 0.0
 
@@ -99,14 +129,19 @@ def test_ssim_matches_skimage():
     g = torch.Generator().manual_seed(3)
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     blob = torch.exp(-((yy - 12) ** 2 + (xx - 18) ** 2) / 40.0)
-    a = torch.stack([blob, torch.rand(32, 32, generator=g), blob + 0.2 * torch.rand(32, 32, generator=g)])
+    a = torch.stack(
+        [blob, torch.rand(32, 32, generator=g), blob + 0.2 * torch.rand(32, 32, generator=g)]
+    )
     b = torch.stack([blob.roll(3, 1), torch.rand(32, 32, generator=g), blob])
     want = [_skimage_ssim(p, q) for p, q in zip(a.numpy(), b.numpy(), strict=True)]
     np.testing.assert_allclose(ssim(a, b).numpy(), want, rtol=1e-9)
     # On a rectangular valid region SSIM equals skimage's on the crop (min-max over the crop too).
     valid = torch.zeros(32, 32, dtype=torch.bool)
     valid[4:30, 2:25] = True
-    crop = [_skimage_ssim(p[4:30, 2:25], q[4:30, 2:25]) for p, q in zip(a.numpy(), b.numpy(), strict=True)]
+    crop = [
+        _skimage_ssim(p[4:30, 2:25], q[4:30, 2:25])
+        for p, q in zip(a.numpy(), b.numpy(), strict=True)
+    ]
     np.testing.assert_allclose(ssim(a, b, valid=valid).numpy(), crop, rtol=1e-9)
 
 
@@ -149,7 +184,10 @@ def image_is_the_map(model, x, target):
     return x[:, 0].clone()
 
 
-@pytest.mark.parametrize("transform,strength", [("shift", 2), ("shift", -3), ("flip", None), ("rotation", 10.0), ("rotation", -25.0)])
+@pytest.mark.parametrize(
+    "transform,strength",
+    [("shift", 2), ("shift", -3), ("flip", None), ("rotation", 10.0), ("rotation", -25.0)],
+)
 def test_geometric_stability_of_an_equivariant_map_is_one(transform, strength):
     x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(4))
     ctx = _ctx(ConstantClass(), x, image_is_the_map)
@@ -170,12 +208,21 @@ def test_shifted_map_is_compared_with_the_shifted_map_not_the_original():
 def test_noise_stability_drops_with_strength():
     x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(6))
     ctx = _ctx(ConstantClass(), x, image_is_the_map)
-    means = [stability(ctx, transform="noise", strength=s).values["value"].mean() for s in (0.0, 0.02, 0.1, 0.3)]
+    means = [
+        stability(ctx, transform="noise", strength=s).values["value"].mean()
+        for s in (0.0, 0.02, 0.1, 0.3)
+    ]
     assert means[0] == pytest.approx(1.0)
     assert means[0] > means[1] > means[2] > means[3]
     # Seeded per sample: the same image gets the same noise in another batch.
-    again = stability(_ctx(ConstantClass(), x[2:], image_is_the_map), transform="noise", strength=0.1)
-    np.testing.assert_allclose(again.values["value"], stability(ctx, transform="noise", strength=0.1).values["value"][2:])
+    again = stability(
+        _ctx(ConstantClass(), x[2:], image_is_the_map, ids=["s2", "s3"]),
+        transform="noise",
+        strength=0.1,
+    )
+    np.testing.assert_allclose(
+        again.values["value"], stability(ctx, transform="noise", strength=0.1).values["value"][2:]
+    )
 
 
 class BrightnessThreshold(nn.Module):
@@ -191,7 +238,9 @@ def test_samples_whose_prediction_changes_are_not_scored():
     x = x + 0.05 * torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(7))
     ctx = _ctx(BrightnessThreshold(), x, image_is_the_map)
     scores = stability(ctx, transform="brightness", strength=0.1)
-    np.testing.assert_array_equal(scores.values["prediction_kept"], [1.0, 0.0, 1.0])  # 0.45 + 0.1 crosses 0.5
+    np.testing.assert_array_equal(
+        scores.values["prediction_kept"], [1.0, 0.0, 1.0]
+    )  # 0.45 + 0.1 crosses 0.5
     assert np.isnan(scores.values["value"][1]) and np.isfinite(scores.values["value"][[0, 2]]).all()
 
 
@@ -205,8 +254,13 @@ def _saliency(model, x, target):
 def _softplus_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.Softplus(), nn.Conv2d(4, 4, 3, padding=1), nn.Softplus(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.Softplus(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Softplus(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
     ).eval()
 
 
@@ -219,8 +273,9 @@ def test_max_sensitivity_matches_quantus_on_the_same_noise():
     ctx = _ctx(model, x, _saliency)
     n, radius = 3, 0.1
     ours = max_sensitivity(ctx, radius=radius, n_samples=n).values["value"]
-    deltas = iter(linf_uniform_deltas(ctx, n_samples=n, radius=radius).numpy())
-    assert abs(linf_uniform_deltas(ctx, n_samples=n, radius=radius)).max() <= radius
+    drawn = torch.stack(list(linf_uniform_deltas(ctx, n_samples=n, radius=radius)))
+    assert drawn.shape == (n, *x.shape) and drawn.abs().max() <= radius and drawn.std() > radius / 2
+    deltas = iter(drawn.numpy())
 
     def same_noise(arr, indices, **kwargs):
         return arr + next(deltas).reshape(arr.shape)
@@ -230,11 +285,17 @@ def test_max_sensitivity_matches_quantus_on_the_same_noise():
 
     metric = quantus.MaxSensitivity(nr_samples=n, perturb_func=same_noise, disable_warnings=True)
     want = metric(
-        model=model, x_batch=x.numpy(), y_batch=ctx.target.numpy(), a_batch=ctx.maps[:, None].numpy(),
-        explain_func=explain, device="cpu",
+        model=model,
+        x_batch=x.numpy(),
+        y_batch=ctx.target.numpy(),
+        a_batch=ctx.maps[:, None].numpy(),
+        explain_func=explain,
+        device="cpu",
     )
     np.testing.assert_allclose(ours, want, rtol=1e-5)
-    np.testing.assert_allclose(max_sensitivity(ctx, radius=0.0, n_samples=2).values["value"], 0.0, atol=1e-7)
+    np.testing.assert_allclose(
+        max_sensitivity(ctx, radius=0.0, n_samples=2).values["value"], 0.0, atol=1e-7
+    )
 
 
 # --- sanity ---------------------------------------------------------------------------------
@@ -258,14 +319,49 @@ def test_cascade_runs_top_down_over_modules_or_blocks():
     assert blocks[1][1] == steps[1:]
 
 
+def test_cascade_randomizes_a_copy_one_more_layer_per_step():
+    # A spy "method" records, at every re-explanation, which modules differ from the original.
+    model = _gapcnn()
+    with torch.no_grad():
+        for m in model.modules():  # batch norms away from their initial state, as after training
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(0.5)
+                m.weight.fill_(2.0)
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(15))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[set[str]] = []
+    last: dict[str, nn.Module] = {}
+
+    def spy(m, xx, t):
+        if m is not model:  # the metric's re-explanations get the copy
+            seen.append(
+                {
+                    k.rsplit(".", 1)[0]
+                    for k, v in m.state_dict().items()
+                    if not torch.equal(v, original[k])
+                }
+            )
+            last.update(dict(m.named_modules()))
+        return xx[:, 0].clone()
+
+    model_randomization(_ctx(model, x, spy))
+    steps = [name for name, _ in randomization_steps(model, x)]
+    assert seen == [set(steps[: k + 1]) for k in range(len(steps))]
+    conv, bn = last["features.8"], last["features.9"]  # width 16: fan_in 16 * 3 * 3
+    assert abs(float(conv.weight.detach().std()) / (2 / 144) ** 0.5 - 1) < 0.1
+    assert torch.equal(bn.running_mean, torch.zeros(16)) and torch.equal(bn.weight, torch.ones(16))
+
+
 def test_a_model_independent_map_is_flagged_as_insensitive():
     # Randomizing the weights cannot change a map that ignores the model: similarity 1 at every step.
     model = _gapcnn()
     x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(9))
-    scores = model_randomization(_ctx(model, x, image_is_the_map))
+    ctx = _ctx(model, x, image_is_the_map)
+    scores = model_randomization(ctx)
     assert scores.curves["spearman"].shape == (3, 9)
     np.testing.assert_allclose(scores.curves["spearman"], 1.0)
     np.testing.assert_allclose(scores.values["ssim"], 1.0)
+    np.testing.assert_allclose(model_randomization(ctx, summary="mean").values["value"], 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +417,9 @@ def test_gradcam_is_more_sensitive_to_randomization_than_guided_backprop(trained
     cam, gbp = results["gradcam"], results["guided_backprop"]
     assert cam.values["ssim"].mean() < gbp.values["ssim"].mean() - 0.05
     assert cam.curves["spearman"].mean() < gbp.curves["spearman"].mean() - 0.2
-    assert cam.curves["spearman"][:, 0].mean() < gbp.curves["spearman"][:, 0].mean()  # head randomized
+    assert (
+        cam.curves["spearman"][:, 0].mean() < gbp.curves["spearman"][:, 0].mean()
+    )  # head randomized
 
 
 # --- adversarial ----------------------------------------------------------------------------
@@ -345,14 +443,16 @@ def _linear_case():
     # Small weights keep every image near the boundary, where the loss gradient is well above
     # captum's zero threshold (1e-6) on every pixel.
     w = 0.1 * torch.randn(1, 1, 8, 8, generator=g)
-    x = 0.25 + 0.5 * torch.rand(4, 1, 8, 8, generator=g)  # inside (0, 1): clipping only at large eps
+    x = 0.25 + 0.5 * torch.rand(
+        4, 1, 8, 8, generator=g
+    )  # inside (0, 1): clipping only at large eps
     model = Linear(w, c=float(-(x[0] * w).sum()) + 0.5).eval()  # image 0 sits close to the boundary
     return model, x
 
 
 def test_fgsm_matches_the_closed_form_on_a_linear_model():
     model, x = _linear_case()
-    with torch.inference_mode():
+    with torch.no_grad():
         pred = model(x).argmax(1)
     # Untargeted FGSM moves against the predicted class: for class 1 down along sign(w).
     direction = torch.where(pred == 1, -1.0, 1.0).view(-1, 1, 1, 1) * model.w.detach().sign()
@@ -394,7 +494,74 @@ def test_explanation_attack_keeps_the_label_and_moves_the_map(trained_gapcnn):
     x_adv = explanation_attack_inputs(ctx, epsilon=0.03, steps=5)
     assert (x_adv - x).abs().max() <= 0.03 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     with torch.inference_mode():
-        np.testing.assert_array_equal(model(x_adv).argmax(1).numpy()[kept], ctx.logits.argmax(1).numpy()[kept])
+        np.testing.assert_array_equal(
+            model(x_adv).argmax(1).numpy()[kept], ctx.logits.argmax(1).numpy()[kept]
+        )
+
+
+class MixedReLUs(nn.Module):
+    """A ReLU module in place and a functional ReLU: the surrogate must soften both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(12)
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        a = F.relu(self.conv2(self.act(self.conv1(x))))
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+def test_softplus_surrogate_replaces_every_relu_call():
+    model = MixedReLUs().eval()
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(13))
+    mode = SoftplusReLU(beta=3.0)
+    with torch.no_grad(), mode:
+        got = model(x)
+    with torch.no_grad():
+        h = F.softplus(model.conv2(F.softplus(model.conv1(x), beta=3.0)), beta=3.0)
+        want = model.fc(h.mean(dim=(2, 3)))
+    assert mode.calls == 2
+    torch.testing.assert_close(got, want)
+    with torch.no_grad():  # outside the mode the model is a ReLU network again
+        torch.testing.assert_close(
+            model(x), model.fc(F.relu(model.conv2(F.relu(model.conv1(x)))).mean(dim=(2, 3)))
+        )
+
+
+def test_surrogates_approach_captum_gradcam_and_saliency_for_large_beta():
+    from captum.attr import LayerAttribution, LayerGradCam, Saliency
+
+    model = _gapcnn(width=8)
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(14))
+    target = torch.tensor([0, 1, 1])
+    with torch.enable_grad():
+        cam = surrogate_maps(
+            model,
+            x.clone().requires_grad_(True),
+            target,
+            surrogate="gradcam",
+            layer="features",
+            beta=1e6,
+        )
+        sal = surrogate_maps(
+            model, x.clone().requires_grad_(True), target, surrogate="saliency", beta=1e6
+        )
+    ref = LayerGradCam(model, model.features).attribute(x, target=target, relu_attributions=True)
+    ref = LayerAttribution.interpolate(ref, (32, 32), interpolate_mode="bilinear")[:, 0].detach()
+    torch.testing.assert_close(cam.detach(), ref, atol=1e-3 * float(ref.abs().max()), rtol=0)
+    ref_sal = (
+        Saliency(model)
+        .attribute(x.clone().requires_grad_(True), target=target, abs=True)
+        .amax(dim=1)
+        .detach()
+    )
+    torch.testing.assert_close(
+        sal.detach(), ref_sal, atol=1e-3 * float(ref_sal.abs().max()), rtol=0
+    )
 
 
 # --- every metric leaves the model as it came -----------------------------------------------
@@ -406,7 +573,10 @@ def _state(model: nn.Module):
         [m.training for m in model.modules()],
         [p.requires_grad for p in model.parameters()],
         [p.grad for p in model.parameters()],
-        [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
+        [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
     )
 
 
@@ -418,6 +588,10 @@ def _state(model: nn.Module):
         ("model_randomization", {}),
         ("prediction_attack", {"attack": "pgd", "epsilon": 0.05, "steps": 2}),
         ("explanation_attack", {"epsilon": 0.05, "steps": 2}),
+        (
+            "explanation_attack",
+            {"epsilon": 0.05, "steps": 2, "surrogate": "saliency", "objective": "center"},
+        ),
     ],
 )
 def test_metrics_leave_the_model_as_it_came(metric, options):
@@ -434,4 +608,7 @@ def test_metrics_leave_the_model_as_it_came(metric, options):
     assert before[1:] == after[1:]
     assert scores.values["value"].shape == (2,)
     info = METRICS.get(metric).info
-    assert "explainer" in info.needs and set(scores.values) == {"value", *(n for n, _ in info.secondary)}
+    assert "explainer" in info.needs and set(scores.values) == {
+        "value",
+        *(n for n, _ in info.secondary),
+    }

@@ -314,7 +314,7 @@ def test_confounder_absent_by_default():
 
 
 def test_confounder_rates_and_exact_marker_mask():
-    rate, negative_rate, n = 0.8, 0.15, 400
+    rate, negative_rate, n = 0.8, 0.15, 300
     ds = make(
         "synth-cxr", "train", n=n, confounder_rate=rate, confounder_negative_rate=negative_rate
     )
@@ -372,7 +372,7 @@ def _blob_features(ds) -> np.ndarray:
 def test_lesions_are_visible_to_a_simple_classifier(name):
     """Guards against an impossible dataset (not the resnet18 acceptance run): logistic
     regression on seven blob-detector features separates the classes on held-out data."""
-    train, test = make(name, "train", n=300), make(name, "test", n=200)
+    train, test = make(name, "train", n=200), make(name, "test", n=160)
     f_train, f_test = _blob_features(train), _blob_features(test)
     mean, std = f_train.mean(0), f_train.std(0)
     model = LogisticRegression(max_iter=1000).fit((f_train - mean) / std, train.labels.numpy())
