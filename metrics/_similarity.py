@@ -245,6 +245,17 @@ def ssim(
     return s[:, inside].mean(dim=1)
 
 
+def ssim_or_nan(
+    a: torch.Tensor, b: torch.Tensor, *, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``ssim`` where the maps hold at least one window, NaN (not scored) otherwise: for a
+    secondary output that must not fail a metric on small images."""
+    try:
+        return ssim(a, b, valid=valid)
+    except UserError:
+        return torch.full((a.shape[0],), float("nan"), dtype=torch.float64, device=a.device)
+
+
 SIMILARITIES = ("spearman", "ssim", "topk")
 
 

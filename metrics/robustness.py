@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.errors import NotApplicable, UserError
-from metrics._similarity import SIMILARITIES, spearman, ssim, topk_intersection
+from metrics._similarity import SIMILARITIES, spearman, ssim, ssim_or_nan, topk_intersection
 from metrics.base import METRICS, MetricContext, Scores, rebatch
 from metrics.perturbations import blur
 
@@ -203,7 +203,12 @@ def stability(
     similarity: str = "spearman",
     k: float | int = 0.1,
 ) -> Scores:
-    """Similarity of the map of T(x) to the map of x carried through T, where the prediction holds."""
+    """Similarity of the map of T(x) to the map of x carried through T, where the prediction holds.
+
+    ``value`` is the ``similarity`` chosen ("spearman", "ssim" or "topk" with ``k`` a pixel
+    count or a fraction); all three are also returned, NaN where the prediction changed, and
+    ``prediction_kept`` (1 or 0) for every sample.
+    """
     if similarity not in SIMILARITIES:
         raise UserError(f"unknown similarity {similarity!r}; choose from {', '.join(SIMILARITIES)}")
     require_explainer(ctx, "stability")
@@ -213,7 +218,7 @@ def stability(
     ref = t.warp(ctx.maps.to(ctx.device).float())
     sims = {
         "spearman": spearman(new_maps, ref, valid=t.valid),
-        "ssim": ssim(new_maps, ref, valid=t.valid),
+        "ssim": (ssim if similarity == "ssim" else ssim_or_nan)(new_maps, ref, valid=t.valid),
         "topk": topk_intersection(new_maps, ref, k=k, valid=t.valid),
     }
     drop = ~kept.cpu().numpy()

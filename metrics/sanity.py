@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from benchmarks.errors import UserError
-from metrics._similarity import spearman, ssim
+from metrics._similarity import spearman, ssim_or_nan
 from metrics.base import METRICS, MetricContext, Scores
 from metrics.robustness import explain_batched, require_explainer
 
@@ -161,7 +161,7 @@ def cascading_randomization(
             _copy_state_(modules[name], fresh)
         maps = explain_batched(ctx, model, ctx.x, ctx.target).abs()
         rho.append(spearman(original, maps))
-        sim.append(ssim(original, maps))
+        sim.append(ssim_or_nan(original, maps))
     return [s for s, _ in steps], torch.stack(rho, dim=1), torch.stack(sim, dim=1)
 
 

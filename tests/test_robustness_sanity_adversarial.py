@@ -18,6 +18,7 @@ from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 from torch import nn
 
+from benchmarks.errors import UserError
 from cams import METHODS
 from metrics import METRICS
 from metrics._similarity import (
@@ -242,6 +243,18 @@ def test_samples_whose_prediction_changes_are_not_scored():
         scores.values["prediction_kept"], [1.0, 0.0, 1.0]
     )  # 0.45 + 0.1 crosses 0.5
     assert np.isnan(scores.values["value"][1]) and np.isfinite(scores.values["value"][[0, 2]]).all()
+
+
+def test_small_images_skip_the_ssim_secondary_but_fail_clearly_when_it_is_asked_for():
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(16))
+    ctx = _ctx(ConstantClass(), x, image_is_the_map)
+    scores = stability(ctx, transform="flip")
+    np.testing.assert_allclose(scores.values["value"], 1.0)
+    assert np.isnan(scores.values["ssim"]).all()  # 8 px maps hold no 11 px SSIM window
+    with pytest.raises(UserError, match="smaller than the 11x11 SSIM window"):
+        stability(ctx, transform="flip", similarity="ssim")
+    with pytest.raises(UserError, match="unknown transform 'zoom'"):
+        stability(ctx, transform="zoom")
 
 
 def _saliency(model, x, target):
