@@ -323,7 +323,8 @@ def run_setting(
 
     The cheap rows are timed round-robin (one repeat of every row, then the next round), so
     a change in the machine's load during the run hits every row alike, the floor included.
-    Each heavy row alternates its repeats with those of the plain forwards it is compared to.
+    The heavy rows (Score-CAM, occlusion) likewise, each repeat followed by one of the plain
+    forwards it is compared to.
     """
     ctx = build_context(setting, device)
     batch = ctx.x.shape[0]
@@ -362,19 +363,26 @@ def run_setting(
     for row, _ in live:
         row.images, row.seconds = batch, statistics.median(times[id(row)])
 
-    for row, call in heavy:
+    # Heavy rows round-robin too, each repeat of a row next to its plain-forward reference.
+    samples: dict[int, tuple[list[float], list[float]]] = {id(row): ([], []) for row, _ in heavy}
+    live = list(heavy)
+    for rep in range(budget.heavy_repeats):  # the first of many chunks is the warm-up
+        for row, call in list(live):
+            n = subset_size(ctx, row.kind, budget)
+            log(f"  {tag}: {row.method} [{row.impl}] on {n} image(s), repeat {rep + 1}")
+            x, t = ctx.x[:n], ctx.target[:n]
+            reference = plain_forwards(ctx, masked_per_image(ctx, row.kind))
+            try:
+                method_s = timed(partial(call, x, t), device)
+            except Exception as exc:
+                row.note = _error(exc)
+                live.remove((row, call))
+                continue
+            samples[id(row)][0].append(method_s)
+            samples[id(row)][1].append(timed(partial(reference, x, t), device))
+    for row, _ in live:
         n = subset_size(ctx, row.kind, budget)
-        log(f"  {tag}: {row.method} [{row.impl}] on {n} image(s)")
-        x, t = ctx.x[:n], ctx.target[:n]
-        reference = plain_forwards(ctx, masked_per_image(ctx, row.kind))
-        method_s, forward_s = [], []
-        try:
-            for _ in range(budget.heavy_repeats):  # the first of many chunks is the warm-up
-                method_s.append(timed(partial(call, x, t), device))
-                forward_s.append(timed(partial(reference, x, t), device))
-        except Exception as exc:
-            row.note = _error(exc)
-            continue
+        method_s, forward_s = samples[id(row)]
         row.images = n
         row.seconds = statistics.median(method_s) * batch / n
         row.forwards = statistics.median(forward_s) * batch / n

@@ -216,6 +216,28 @@ def blobs(
     return _stamp(size, centers, radii * (1.0 + spread), rho2, _batch(n, values), edge)
 
 
+def _boxed(
+    size: Size,
+    rows: tuple[float, float],
+    cols: tuple[float, float],
+    rho2_of: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    value: float,
+    edge: float,
+) -> Shape:
+    """A shape evaluated only on the canvas pixels of the box [rows] x [cols] (inclusive
+    bounds, which must hold its support): ``rho2_of(rows, cols)`` maps pixel coordinates to
+    squared normalized radii."""
+    r0, r1 = max(int(np.floor(rows[0])), 0), min(int(np.ceil(rows[1])) + 1, size[0])
+    c0, c1 = max(int(np.floor(cols[0])), 0), min(int(np.ceil(cols[1])) + 1, size[1])
+    intensity, mask = np.zeros(size), np.zeros(size, dtype=bool)
+    if r0 < r1 and c0 < c1:
+        grid_rows, grid_cols = coordinate_grid(size)
+        rho2 = rho2_of(grid_rows[r0:r1, c0:c1], grid_cols[r0:r1, c0:c1])
+        intensity[r0:r1, c0:c1] = radial_profile(rho2, value, edge)
+        mask[r0:r1, c0:c1] = rho2 < 1.0
+    return Shape(intensity, mask)
+
+
 def segment(
     size: Size,
     start: tuple[float, float],
@@ -227,14 +249,21 @@ def segment(
 ) -> Shape:
     """A thick line segment with round caps: pixels closer than ``half_width`` to it; the
     profile falls off with the distance to the segment's centre line."""
-    rows, cols = coordinate_grid(size)
     (r0, c0), (r1, c1) = start, end
     dr, dc = r1 - r0, c1 - c0
     length2 = dr * dr + dc * dc
-    t = 0.0 if length2 == 0 else np.clip(((rows - r0) * dr + (cols - c0) * dc) / length2, 0.0, 1.0)
-    dist2 = (rows - r0 - t * dr) ** 2 + (cols - c0 - t * dc) ** 2
-    rho2 = dist2 / half_width**2
-    return Shape(radial_profile(rho2, value, edge), rho2 < 1.0)
+
+    def rho2(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        t = (
+            0.0
+            if length2 == 0
+            else np.clip(((rows - r0) * dr + (cols - c0) * dc) / length2, 0.0, 1.0)
+        )
+        return ((rows - r0 - t * dr) ** 2 + (cols - c0 - t * dc) ** 2) / half_width**2
+
+    box_rows = (min(r0, r1) - half_width, max(r0, r1) + half_width)
+    box_cols = (min(c0, c1) - half_width, max(c0, c1) + half_width)
+    return _boxed(size, box_rows, box_cols, rho2, value, edge)
 
 
 def rectangle(
@@ -267,14 +296,23 @@ def curved_bands(
     ``half_width``."""
     if spacing <= 2 * half_width:
         raise ValueError("curved_bands: spacing must exceed the band width (2 * half_width)")
-    rows, cc = coordinate_grid(size)
     v_row, v_col = vertex
-    offset = rows - v_row - curvature * (cc - v_col) ** 2
-    nearest = np.clip(np.round(offset / spacing), 0, count - 1)
-    slope = 2.0 * curvature * (cc - v_col)
-    rho2 = (offset - nearest * spacing) ** 2 / (1.0 + slope**2) / half_width**2
-    rho2 = np.where((cc >= cols[0]) & (cc < cols[1]), rho2, np.inf)
-    return Shape(radial_profile(rho2, value, edge), rho2 < 1.0)
+
+    def rho2(rows: np.ndarray, cc: np.ndarray) -> np.ndarray:
+        offset = rows - v_row - curvature * (cc - v_col) ** 2
+        nearest = np.clip(np.round(offset / spacing), 0, count - 1)
+        slope = 2.0 * curvature * (cc - v_col)
+        rho2 = (offset - nearest * spacing) ** 2 / (1.0 + slope**2) / half_width**2
+        return np.where((cc >= cols[0]) & (cc < cols[1]), rho2, np.inf)
+
+    # Box: the centre lines' row range over the column range, widened by the largest
+    # vertical half-width, half_width * sqrt(1 + slope^2).
+    far = max(abs(cols[0] - v_col), abs(cols[1] - v_col))
+    near = 0.0 if cols[0] <= v_col <= cols[1] else min(abs(cols[0] - v_col), abs(cols[1] - v_col))
+    bends = sorted((curvature * near**2, curvature * far**2))
+    reach = half_width * np.sqrt(1.0 + (2.0 * curvature * far) ** 2)
+    box_rows = (v_row + bends[0] - reach, v_row + (count - 1) * spacing + bends[1] + reach)
+    return _boxed(size, box_rows, cols, rho2, value, edge)
 
 
 @lru_cache(maxsize=16)

@@ -92,8 +92,12 @@ def _tissue(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
         values=rng.uniform(0.6, 0.95, count),
         edge=0.55,
     )
-    hematoxylin = 0.06 + 0.02 * smooth_noise(rng, shape, cells=6) + nuclei.intensity
-    other = 0.04 + 0.02 * rng.standard_normal((size, size, 3))
+    # Clipped noise keeps every density positive (>= 0.01 and 0.0025), so rgb = exp(-density)
+    # stays below 1 with no clip downstream that could hide a change.
+    hematoxylin = (
+        0.06 + 0.02 * np.clip(smooth_noise(rng, shape, cells=6), -2.5, 2.5) + nuclei.intensity
+    )
+    other = 0.04 + 0.015 * np.clip(rng.standard_normal((size, size, 3)), -2.5, 2.5)
     return hematoxylin, eosin, other
 
 
@@ -160,9 +164,6 @@ def render(
         + eosin[..., None] * (e_gain * e_vec)
         + other
     )
-    # A smooth strictly increasing floor (softplus, sharpness 20) keeps densities positive so
-    # rgb < 1 without a clip that could hide a change.
-    density = np.logaddexp(0.0, 20.0 * density) / 20.0
     image = np.exp(-density).transpose(2, 0, 1)
     return HistoItem(image.astype(np.float32), lesion.mask)
 

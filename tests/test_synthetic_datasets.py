@@ -136,6 +136,36 @@ def test_flat_bands_by_hand():
     np.testing.assert_array_equal(bands.mask, expected)
 
 
+@pytest.mark.parametrize("curvature", [0.03, -0.02])
+def test_curved_bands_match_pure_python(curvature):
+    """Per pixel: nearest band's centre line at that column, first-order normal distance."""
+    vertex, spacing, count, half_width, cols = (12.3, 27.6), 6.5, 5, 1.7, (3.5, 50.0)
+    bands = _draw.curved_bands(
+        SIZE,
+        vertex=vertex,
+        spacing=spacing,
+        count=count,
+        half_width=half_width,
+        curvature=curvature,
+        cols=cols,
+        value=0.1,
+        edge=0.5,
+    )
+    expected = np.zeros(SIZE, dtype=bool)
+    for r in range(SIZE[0]):
+        for c in range(SIZE[1]):
+            if not cols[0] <= c < cols[1]:
+                continue
+            centre_rows = [
+                vertex[0] + j * spacing + curvature * (c - vertex[1]) ** 2 for j in range(count)
+            ]
+            nearest = min(centre_rows, key=lambda row: abs(r - row))
+            slope = 2 * curvature * (c - vertex[1])
+            expected[r, c] = abs(r - nearest) / math.sqrt(1 + slope**2) < half_width
+    assert expected.sum() > 200
+    np.testing.assert_array_equal(bands.mask, expected)
+
+
 def test_drawn_shapes_change_exactly_their_masks():
     """A lesion drawn on a textured canvas changes exactly its mask's pixels, soft clip included."""
     rng = np.random.default_rng(11)
