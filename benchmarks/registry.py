@@ -91,7 +91,9 @@ class Registry(Generic[InfoT]):
 
         return decorate
 
-    def add(self, name: str, obj: Callable[..., Any], *, aliases: Iterable[str] = (), **info: Any) -> Entry[InfoT]:
+    def add(
+        self, name: str, obj: Callable[..., Any], *, aliases: Iterable[str] = (), **info: Any
+    ) -> Entry[InfoT]:
         """Register ``obj`` as ``name``; registering a taken name to another object is an error."""
         aliases = tuple(aliases)
         for key in (name, *aliases):
@@ -119,7 +121,9 @@ class Registry(Generic[InfoT]):
         hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
         return f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(self.names())}"
 
-    def names(self, include: str | Iterable[str] = "*", exclude: str | Iterable[str] = ()) -> list[str]:
+    def names(
+        self, include: str | Iterable[str] = "*", exclude: str | Iterable[str] = ()
+    ) -> list[str]:
         """Canonical names matching any ``include`` wildcard and no ``exclude`` one, sorted naturally.
 
         A pattern without wildcards must name an entry (or alias): a typo is an error, not an

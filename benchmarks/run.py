@@ -24,13 +24,22 @@ from pathlib import Path
 
 from benchmarks.errors import UserError
 from benchmarks.leaderboard import aggregate, to_csv, to_markdown
-from benchmarks.registry import close_matches
 from benchmarks.runner import check_device, group_specs, log, run_group
 from benchmarks.store import RunStore, atomic_write_parquet, atomic_write_text
 from benchmarks.suite import available_suites, filter_suite, load_suite, registries
 
 LISTABLE = ("methods", "metrics", "datasets", "models", "suites")
-PACKAGES = ("torch", "torchvision", "captum", "numpy", "scipy", "pandas", "pyarrow", "seaborn", "cambench")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "captum",
+    "numpy",
+    "scipy",
+    "pandas",
+    "pyarrow",
+    "seaborn",
+    "cambench",
+)
 
 
 def versions() -> dict[str, str]:
@@ -46,7 +55,11 @@ def versions() -> dict[str, str]:
 def git_hash() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -78,13 +91,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", help="suite name (see --list suites) or path to a suite .toml")
     p.add_argument("--list", choices=LISTABLE, help="list registered entries and exit")
     for kind in ("models", "datasets", "methods", "metrics"):
-        p.add_argument(f"--{kind}", nargs="+", metavar="PATTERN", help=f"keep only these {kind} of the suite (wildcards)")
+        p.add_argument(
+            f"--{kind}",
+            nargs="+",
+            metavar="PATTERN",
+            help=f"keep only these {kind} of the suite (wildcards)",
+        )
     p.add_argument("--data-root", help="directory holding the real datasets (e.g. ../shared/data)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--out", help="run folder (default: results/<suite>-<config hash>)")
-    p.add_argument("--cache", default="results/cache", help="model cache folder (default: results/cache)")
+    p.add_argument(
+        "--cache", default="results/cache", help="model cache folder (default: results/cache)"
+    )
     p.add_argument("--seed", type=int, help="override the suite's seed")
-    p.add_argument("--max-images", type=int, help="override the number of images per (model, dataset)")
+    p.add_argument(
+        "--max-images", type=int, help="override the number of images per (model, dataset)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -93,29 +115,55 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     suite = load_suite(args.suite)
-    suite = filter_suite(suite, models=args.models, datasets=args.datasets, methods=args.methods, metrics=args.metrics)
+    suite = filter_suite(
+        suite,
+        models=args.models,
+        datasets=args.datasets,
+        methods=args.methods,
+        metrics=args.metrics,
+    )
     if args.seed is not None:
         suite = dataclasses.replace(suite, seed=args.seed)
     if args.max_images is not None:
         if args.max_images < 1:
             raise UserError(f"--max-images must be >= 1, got {args.max_images}")
-        suite = dataclasses.replace(suite, eval=dataclasses.replace(suite.eval, max_images=args.max_images))
+        suite = dataclasses.replace(
+            suite, eval=dataclasses.replace(suite.eval, max_images=args.max_images)
+        )
     device = check_device(args.device)
     if args.data_root and not Path(args.data_root).is_dir():
         raise UserError(f"--data-root {args.data_root} is not a directory")
 
-    run_dir = Path(args.out) if args.out else Path("results") / f"{suite.name}-{suite.config_hash()}"
+    run_dir = (
+        Path(args.out) if args.out else Path("results") / f"{suite.name}-{suite.config_hash()}"
+    )
     store = RunStore(run_dir)
     store.prepare()
     with store.lock():
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         manifest = {
-            "run_id": run_dir.name, "suite": suite.resolved(), "suite_files": suite.source, "versions": versions(),
-            "git": git_hash(), "seed": suite.seed, "host": platform.node(), "platform": platform.platform(),
-            "device": device, "data_root": args.data_root, "started": started, "status": "running", "groups": {},
+            "run_id": run_dir.name,
+            "suite": suite.resolved(),
+            "suite_files": suite.source,
+            "versions": versions(),
+            "git": git_hash(),
+            "seed": suite.seed,
+            "host": platform.node(),
+            "platform": platform.platform(),
+            "device": device,
+            "data_root": args.data_root,
+            "started": started,
+            "status": "running",
+            "groups": {},
         }
         atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
-        specs = group_specs(suite, device=device, data_root=args.data_root, cache_dir=args.cache, progress=not args.no_progress)
+        specs = group_specs(
+            suite,
+            device=device,
+            data_root=args.data_root,
+            cache_dir=args.cache,
+            progress=not args.no_progress,
+        )
         skipped: dict[str, str] = {}
         for i, spec in enumerate(specs, 1):
             key = f"{spec.model.label}--{spec.dataset.label}"
@@ -128,26 +176,49 @@ def run(args: argparse.Namespace) -> int:
             if result.skipped:
                 skipped[spec.dataset.label] = result.skipped
                 log(f"  skipped: {result.skipped}")
-            store.write_group(spec.model.label, spec.dataset.label, rows=result.rows, curves=result.curves, cells=result.cells, report=result.report)
+            store.write_group(
+                spec.model.label,
+                spec.dataset.label,
+                rows=result.rows,
+                curves=result.curves,
+                cells=result.cells,
+                report=result.report,
+            )
             manifest["groups"][key] = "skipped" if result.skipped else "done"
 
         rows, cells, curves = store.read("rows"), store.read("cells"), store.read("curves")
         regs = registries()
-        directions = {c.label: regs["metrics"].get(c.use).info.higher_is_better for c in suite.metrics}
+        directions = {
+            c.label: regs["metrics"].get(c.use).info.higher_is_better for c in suite.metrics
+        }
         table = aggregate(rows, cells, directions, seed=suite.seed)
-        notes = [f"suite {suite.name} v{suite.version}, seed {suite.seed}, {suite.eval.max_images} images per model x dataset"]
+        notes = [
+            f"suite {suite.name} v{suite.version}, seed {suite.seed}, {suite.eval.max_images} images per model x dataset"
+        ]
         notes += [f"dataset {name} skipped: {why}" for name, why in sorted(skipped.items())]
         atomic_write_parquet(run_dir / "rows.parquet", rows)
         atomic_write_parquet(run_dir / "cells.parquet", cells)
         atomic_write_parquet(run_dir / "curves.parquet", curves)
         atomic_write_text(run_dir / "leaderboard.csv", to_csv(table))
-        atomic_write_text(run_dir / "leaderboard.md", to_markdown(table, title=f"Leaderboard: {suite.name}", reports=store.reports(), notes=notes))
+        atomic_write_text(
+            run_dir / "leaderboard.md",
+            to_markdown(
+                table, title=f"Leaderboard: {suite.name}", reports=store.reports(), notes=notes
+            ),
+        )
         errors = cells[cells["status"] == "error"]
-        manifest.update(finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), status="failed cells" if len(errors) else "finished", skipped_datasets=skipped, models=store.reports())
+        manifest.update(
+            finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            status="failed cells" if len(errors) else "finished",
+            skipped_datasets=skipped,
+            models=store.reports(),
+        )
         atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
     log(f"results: {run_dir}/leaderboard.md")
     if len(errors):
-        log(f"{len(errors)} cell(s) failed; see the 'error' cells in {run_dir}/cells.parquet and the log above")
+        log(
+            f"{len(errors)} cell(s) failed; see the 'error' cells in {run_dir}/cells.parquet and the log above"
+        )
         return 1
     return 0
 
@@ -165,11 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished groups are stored; rerun the same command to resume", file=sys.stderr)
+        print(
+            "interrupted: finished groups are stored; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-__all__ = ["main", "close_matches"]

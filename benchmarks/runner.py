@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +64,11 @@ def resolve_data_root(dataset: Component, data_root: str | None) -> str | None:
     info = DATASETS.get(dataset.use).info
     if info.source != "real":
         return None
-    root = dataset.options.get("root") or data_root or (os.environ.get(info.root_env) if info.root_env else None)
+    root = (
+        dataset.options.get("root")
+        or data_root
+        or (os.environ.get(info.root_env) if info.root_env else None)
+    )
     if not root:
         env = f" or set ${info.root_env}" if info.root_env else ""
         raise DataNotFound(
@@ -100,8 +103,26 @@ def _call_options(fn, options: dict[str, Any], seed: int) -> dict[str, Any]:
     return opts
 
 
-def _cell(model: str, dataset: str, method: str, metric: str, status: str, reason: str = "", n: int = 0, n_excluded: int = 0) -> dict[str, Any]:
-    return dict(model=model, dataset=dataset, method=method, metric=metric, status=status, reason=reason, n=n, n_excluded=n_excluded)
+def _cell(
+    model: str,
+    dataset: str,
+    method: str,
+    metric: str,
+    status: str,
+    reason: str = "",
+    n: int = 0,
+    n_excluded: int = 0,
+) -> dict[str, Any]:
+    return dict(
+        model=model,
+        dataset=dataset,
+        method=method,
+        metric=metric,
+        status=status,
+        reason=reason,
+        n=n,
+        n_excluded=n_excluded,
+    )
 
 
 def _short(exc: BaseException) -> str:
@@ -116,14 +137,33 @@ def run_group(spec: GroupSpec) -> GroupResult:
         train_set = load_dataset(dc, "train", seed=suite.seed, data_root=spec.data_root)
         eval_set = load_dataset(dc, suite.eval.split, seed=suite.seed, data_root=spec.data_root)
     except DataNotFound as exc:
-        cells = [_cell(mc.label, dc.label, m.label, k.label, "skipped", str(exc)) for m in methods for k in metrics]
-        return GroupResult(pd.DataFrame(columns=ROW_COLUMNS), pd.DataFrame(columns=CURVE_COLUMNS), pd.DataFrame(cells, columns=CELL_COLUMNS), skipped=str(exc))
+        cells = [
+            _cell(mc.label, dc.label, m.label, k.label, "skipped", str(exc))
+            for m in methods
+            for k in metrics
+        ]
+        return GroupResult(
+            pd.DataFrame(columns=ROW_COLUMNS),
+            pd.DataFrame(columns=CURVE_COLUMNS),
+            pd.DataFrame(cells, columns=CELL_COLUMNS),
+            skipped=str(exc),
+        )
 
     device = torch.device(spec.device)
     model_opts = {k: v for k, v in mc.options.items() if k not in ("layer", "checkpoint")}
     trained = get_trained_model(
-        mc.use, dc.use, train_set=train_set, test_set=eval_set if suite.eval.split == "test" else load_dataset(dc, "test", seed=suite.seed, data_root=spec.data_root),
-        dataset_options=dc.options, config=suite.train, seed=suite.seed, cache_dir=Path(spec.cache_dir), device=spec.device, model_options=model_opts,
+        mc.use,
+        dc.use,
+        train_set=train_set,
+        test_set=eval_set
+        if suite.eval.split == "test"
+        else load_dataset(dc, "test", seed=suite.seed, data_root=spec.data_root),
+        dataset_options=dc.options,
+        config=suite.train,
+        seed=suite.seed,
+        cache_dir=Path(spec.cache_dir),
+        device=spec.device,
+        model_options=model_opts,
     )
     model = trained.model
     layer = mc.options.get("layer") or MODELS.get(mc.use).info.default_layer
@@ -131,20 +171,37 @@ def run_group(spec: GroupSpec) -> GroupResult:
     gen = np.random.default_rng(suite.seed)
     n_eval = min(suite.eval.max_images, len(eval_set))
     indices = np.sort(gen.permutation(len(eval_set))[:n_eval])
-    has = {"masks": getattr(eval_set, "masks", None) is not None or "mask" in eval_set[0], "organ_masks": "organ_mask" in eval_set[0]}
+    has = {
+        "masks": getattr(eval_set, "masks", None) is not None or "mask" in eval_set[0],
+        "organ_masks": "organ_mask" in eval_set[0],
+    }
 
     status: dict[tuple[str, str], dict[str, Any]] = {}
     for m in methods:
         for k in metrics:
-            missing = [need for need in METRICS.get(k.use).info.needs if need in has and not has[need]]
+            missing = [
+                need for need in METRICS.get(k.use).info.needs if need in has and not has[need]
+            ]
             if missing:
-                status[(m.label, k.label)] = _cell(mc.label, dc.label, m.label, k.label, "not_applicable", f"{k.label} needs {', '.join(missing)}; dataset {dc.label} has none")
+                status[(m.label, k.label)] = _cell(
+                    mc.label,
+                    dc.label,
+                    m.label,
+                    k.label,
+                    "not_applicable",
+                    f"{k.label} needs {', '.join(missing)}; dataset {dc.label} has none",
+                )
     rows: list[pd.DataFrame] = []
     curves: list[pd.DataFrame] = []
     counts: dict[tuple[str, str], list[int]] = {}
 
     n_batches = -(-n_eval // suite.eval.batch_size)
-    bar = tqdm(total=n_batches * len(methods), desc=f"{mc.label} x {dc.label}", unit="method-batch", disable=None if spec.progress else True)
+    bar = tqdm(
+        total=n_batches * len(methods),
+        desc=f"{mc.label} x {dc.label}",
+        unit="method-batch",
+        disable=None if spec.progress else True,
+    )
     for batch in _batches(eval_set, indices, suite.eval.batch_size):
         x = batch["x"].to(device)
         labels = batch["labels"].to(device)
@@ -159,33 +216,58 @@ def run_group(spec: GroupSpec) -> GroupResult:
                 continue
             fn = METHODS.get(m.use).obj
             opts = _call_options(fn, m.options, suite.seed)
-            explain = lambda mod, xx, tt, fn=fn, opts=opts: fn(mod, xx, tt, layer=layer, **opts).maps  # noqa: E731
+
+            def explain(mod, xx, tt, fn=fn, opts=opts):
+                return fn(mod, xx, tt, layer=layer, **opts).maps
+
             try:
                 maps = explain(model, x, target)
             except NotApplicable as exc:
                 for k in pending:
-                    status[(m.label, k.label)] = _cell(mc.label, dc.label, m.label, k.label, "not_applicable", f"{m.label}: {exc}")
+                    status[(m.label, k.label)] = _cell(
+                        mc.label, dc.label, m.label, k.label, "not_applicable", f"{m.label}: {exc}"
+                    )
                 continue
             except Exception as exc:  # recorded, the run goes on
-                log(f"error in method {m.label} on {mc.label} x {dc.label}:\n{traceback.format_exc()}")
+                log(
+                    f"error in method {m.label} on {mc.label} x {dc.label}:\n{traceback.format_exc()}"
+                )
                 for k in pending:
-                    status[(m.label, k.label)] = _cell(mc.label, dc.label, m.label, k.label, "error", f"{m.label}: {_short(exc)}")
+                    status[(m.label, k.label)] = _cell(
+                        mc.label, dc.label, m.label, k.label, "error", f"{m.label}: {_short(exc)}"
+                    )
                 continue
             for k in pending:
                 ctx = MetricContext(
-                    model=model, x=x, labels=labels, target=target, maps=maps.to(device), logits=logits, ids=batch["ids"],
+                    model=model,
+                    x=x,
+                    labels=labels,
+                    target=target,
+                    maps=maps.to(device),
+                    logits=logits,
+                    ids=batch["ids"],
                     masks=None if batch["mask"] is None else batch["mask"].to(device),
-                    organ_masks=None if batch["organ_mask"] is None else batch["organ_mask"].to(device),
-                    explain=explain, seed=suite.seed, batch_size=suite.eval.forward_batch,
+                    organ_masks=None
+                    if batch["organ_mask"] is None
+                    else batch["organ_mask"].to(device),
+                    explain=explain,
+                    seed=suite.seed,
+                    batch_size=suite.eval.forward_batch,
                 )
                 try:
                     scores = METRICS.get(k.use).obj(ctx, **k.options)
                 except NotApplicable as exc:
-                    status[(m.label, k.label)] = _cell(mc.label, dc.label, m.label, k.label, "not_applicable", f"{k.label}: {exc}")
+                    status[(m.label, k.label)] = _cell(
+                        mc.label, dc.label, m.label, k.label, "not_applicable", f"{k.label}: {exc}"
+                    )
                     continue
                 except Exception as exc:
-                    log(f"error in metric {k.label} for {m.label} on {mc.label} x {dc.label}:\n{traceback.format_exc()}")
-                    status[(m.label, k.label)] = _cell(mc.label, dc.label, m.label, k.label, "error", f"{k.label}: {_short(exc)}")
+                    log(
+                        f"error in metric {k.label} for {m.label} on {mc.label} x {dc.label}:\n{traceback.format_exc()}"
+                    )
+                    status[(m.label, k.label)] = _cell(
+                        mc.label, dc.label, m.label, k.label, "error", f"{k.label}: {_short(exc)}"
+                    )
                     continue
                 base = dict(model=mc.label, dataset=dc.label, method=m.label, metric=k.label)
                 kept_any = 0
@@ -195,13 +277,30 @@ def run_group(spec: GroupSpec) -> GroupResult:
                     keep = np.isfinite(values)
                     if output == "value":
                         kept_any, excluded = int(keep.sum()), int((~keep).sum())
-                    rows.append(pd.DataFrame({
-                        **base, "output": output, "sample_id": np.array(batch["ids"], dtype=object)[keep],
-                        "label": batch["labels"].numpy()[keep], "target": target.cpu().numpy()[keep],
-                        "correct": correct[keep], "value": values[keep],
-                    }))
+                    rows.append(
+                        pd.DataFrame(
+                            {
+                                **base,
+                                "output": output,
+                                "sample_id": np.array(batch["ids"], dtype=object)[keep],
+                                "label": batch["labels"].numpy()[keep],
+                                "target": target.cpu().numpy()[keep],
+                                "correct": correct[keep],
+                                "value": values[keep],
+                            }
+                        )
+                    )
                 for name, curve in scores.curves.items():
-                    curves.append(pd.DataFrame({**base, "curve": name, "sample_id": batch["ids"], "values": [list(map(float, c)) for c in np.asarray(curve)]}))
+                    curves.append(
+                        pd.DataFrame(
+                            {
+                                **base,
+                                "curve": name,
+                                "sample_id": batch["ids"],
+                                "values": [list(map(float, c)) for c in np.asarray(curve)],
+                            }
+                        )
+                    )
                 c = counts.setdefault((m.label, k.label), [0, 0])
                 c[0] += kept_any
                 c[1] += excluded
@@ -215,16 +314,39 @@ def run_group(spec: GroupSpec) -> GroupResult:
             else:
                 n, excl = counts.get((m.label, k.label), [0, 0])
                 reason = f"{excl} image(s) not scored by the metric" if excl else ""
-                cells.append(_cell(mc.label, dc.label, m.label, k.label, "ok" if n else "not_applicable", reason or ("no image scored" if not n else ""), n, excl))
-    concat = lambda parts, cols: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)  # noqa: E731
+                cells.append(
+                    _cell(
+                        mc.label,
+                        dc.label,
+                        m.label,
+                        k.label,
+                        "ok" if n else "not_applicable",
+                        reason or ("no image scored" if not n else ""),
+                        n,
+                        excl,
+                    )
+                )
     report = {**trained.report, "layer": layer, "n_eval": n_eval}
-    return GroupResult(concat(rows, ROW_COLUMNS), concat(curves, CURVE_COLUMNS), pd.DataFrame(cells, columns=CELL_COLUMNS), report)
+    return GroupResult(
+        _concat(rows, ROW_COLUMNS),
+        _concat(curves, CURVE_COLUMNS),
+        pd.DataFrame(cells, columns=CELL_COLUMNS),
+        report,
+    )
 
 
-def group_specs(suite: Suite, *, device: str, data_root: str | None, cache_dir: str, progress: bool = True) -> list[GroupSpec]:
+def _concat(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def group_specs(
+    suite: Suite, *, device: str, data_root: str | None, cache_dir: str, progress: bool = True
+) -> list[GroupSpec]:
     """The (model, dataset) groups of a suite, in suite order."""
     return [
-        GroupSpec(suite, m, d, device=device, data_root=data_root, cache_dir=cache_dir, progress=progress)
+        GroupSpec(
+            suite, m, d, device=device, data_root=data_root, cache_dir=cache_dir, progress=progress
+        )
         for d in suite.datasets
         for m in suite.models
     ]
@@ -234,11 +356,13 @@ def check_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise UserError(
+            f"--device {device}: CUDA is not available on this machine; use --device cpu"
+        )
     try:
         torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device torch knows; use cpu, cuda, cuda:N or auto") from None
+        raise UserError(
+            f"--device {device!r} is not a device torch knows; use cpu, cuda, cuda:N or auto"
+        ) from None
     return device
-
-

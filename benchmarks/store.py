@@ -32,7 +32,18 @@ import pandas as pd
 
 from benchmarks.errors import UserError
 
-ROW_COLUMNS = ["model", "dataset", "method", "metric", "output", "sample_id", "label", "target", "correct", "value"]
+ROW_COLUMNS = [
+    "model",
+    "dataset",
+    "method",
+    "metric",
+    "output",
+    "sample_id",
+    "label",
+    "target",
+    "correct",
+    "value",
+]
 CELL_COLUMNS = ["model", "dataset", "method", "metric", "status", "reason", "n", "n_excluded"]
 CURVE_COLUMNS = ["model", "dataset", "method", "metric", "curve", "sample_id", "values"]
 
@@ -79,7 +90,9 @@ class RunStore:
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise UserError(f"cannot write to output directory {self.root} ({exc.strerror}); choose another with --out") from None
+            raise UserError(
+                f"cannot write to output directory {self.root} ({exc.strerror}); choose another with --out"
+            ) from None
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -93,7 +106,9 @@ class RunStore:
                 path.unlink(missing_ok=True)  # left by a killed run
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             else:
-                raise UserError(f"another run (pid {pid}) is writing {self.root}; wait for it or use another --out") from None
+                raise UserError(
+                    f"another run (pid {pid}) is writing {self.root}; wait for it or use another --out"
+                ) from None
         with os.fdopen(fd, "w") as fh:
             fh.write(str(os.getpid()))
         try:
@@ -104,7 +119,16 @@ class RunStore:
     def has_group(self, model: str, dataset: str) -> bool:
         return (self.groups_dir / group_key(model, dataset) / "cells.parquet").exists()
 
-    def write_group(self, model: str, dataset: str, *, rows: pd.DataFrame, curves: pd.DataFrame, cells: pd.DataFrame, report: dict[str, Any] | None) -> None:
+    def write_group(
+        self,
+        model: str,
+        dataset: str,
+        *,
+        rows: pd.DataFrame,
+        curves: pd.DataFrame,
+        cells: pd.DataFrame,
+        report: dict[str, Any] | None,
+    ) -> None:
         """Write a finished group under a temporary name, then rename it into place."""
         final = self.groups_dir / group_key(model, dataset)
         tmp = Path(tempfile.mkdtemp(dir=self.groups_dir, prefix=".tmp-"))
@@ -128,7 +152,10 @@ class RunStore:
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
     def reports(self) -> dict[str, dict[str, Any]]:
-        return {p.parent.name: json.loads(p.read_text()) for p in sorted(self.groups_dir.glob("*/model.json"))}
+        return {
+            p.parent.name: json.loads(p.read_text())
+            for p in sorted(self.groups_dir.glob("*/model.json"))
+        }
 
 
 def _alive(pid: int) -> bool:

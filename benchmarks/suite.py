@@ -46,7 +46,19 @@ from benchmarks.registry import Registry, close_matches
 from benchmarks.training import TrainConfig
 
 SUITES_DIR = Path(__file__).parent / "suites"
-TOP_KEYS = ("name", "version", "description", "seed", "include", "eval", "train", "models", "datasets", "methods", "metrics")
+TOP_KEYS = (
+    "name",
+    "version",
+    "description",
+    "seed",
+    "include",
+    "eval",
+    "train",
+    "models",
+    "datasets",
+    "methods",
+    "metrics",
+)
 KINDS = ("models", "datasets", "methods", "metrics")
 MODEL_KEYS = ("layer", "checkpoint")  # model entry keys that are not builder options
 # Parameters the pipeline passes itself, never options of a suite entry.
@@ -111,7 +123,9 @@ class Suite:
         }
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return hashlib.sha256(
+            json.dumps(self.resolved(), sort_keys=True, default=str).encode()
+        ).hexdigest()[:10]
 
 
 def registries() -> dict[str, Registry]:
@@ -140,7 +154,8 @@ def suite_path(name_or_path: str) -> Path:
     names = available_suites()
     hint = close_matches(name_or_path, names)
     raise UserError(
-        f"Unknown suite {name_or_path!r}." + (f" Did you mean: {', '.join(hint)}?" if hint else "")
+        f"Unknown suite {name_or_path!r}."
+        + (f" Did you mean: {', '.join(hint)}?" if hint else "")
         + f" Available: {', '.join(names)} (or give a path to a .toml file)"
     )
 
@@ -148,7 +163,9 @@ def suite_path(name_or_path: str) -> Path:
 def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
-        raise UserError(f"suite file {path}: include cycle through {' -> '.join(str(p) for p in seen)}")
+        raise UserError(
+            f"suite file {path}: include cycle through {' -> '.join(str(p) for p in seen)}"
+        )
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -157,7 +174,10 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     includes = data.get("include", [])
     for inc in [includes] if isinstance(includes, str) else includes:
-        _merge(merged, _read((path.parent / inc) if not Path(inc).is_absolute() else Path(inc), (*seen, path)))
+        _merge(
+            merged,
+            _read((path.parent / inc) if not Path(inc).is_absolute() else Path(inc), (*seen, path)),
+        )
     _merge(merged, {k: v for k, v in data.items() if k != "include"})
     merged.setdefault("_files", []).append(str(path))
     return merged
@@ -187,14 +207,22 @@ def _check_keys(path: Path | str, where: str, data: dict, allowed) -> None:
 def option_names(fn, kind: str) -> list[str]:
     """Keyword options a registered callable accepts (its parameters minus the pipeline's)."""
     params = inspect.signature(fn).parameters
-    return [n for n, p in params.items() if n not in RESERVED[kind] and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [
+        n
+        for n, p in params.items()
+        if n not in RESERVED[kind] and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
 
 
-def _components(path: str, kind: str, table: dict[str, Any], reg: Registry) -> tuple[Component, ...]:
+def _components(
+    path: str, kind: str, table: dict[str, Any], reg: Registry
+) -> tuple[Component, ...]:
     out = []
     for label, opts in table.items():
         if not isinstance(opts, dict):
-            raise UserError(f"suite file {path}: [{kind}.{label}] must be a table of options, got {opts!r}")
+            raise UserError(
+                f"suite file {path}: [{kind}.{label}] must be a table of options, got {opts!r}"
+            )
         opts = dict(opts)
         use = opts.pop("use", label)
         entry = reg.get(use)  # unknown names raise with close matches
@@ -252,5 +280,7 @@ def filter_suite(suite: Suite, **patterns: list[str] | None) -> Suite:
                     + (f" Did you mean: {', '.join(hint)}?" if hint else "")
                     + f" The suite has: {', '.join(labels)}"
                 )
-        changes[kind] = tuple(c for c in comps if any(fnmatch.fnmatchcase(c.label, p) for p in pats))
+        changes[kind] = tuple(
+            c for c in comps if any(fnmatch.fnmatchcase(c.label, p) for p in pats)
+        )
     return dataclasses.replace(suite, **changes)

@@ -67,7 +67,9 @@ def stack(dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
 
 
-def cache_key(model_name: str, dataset_name: str, dataset_options: dict, config: TrainConfig, seed: int) -> str:
+def cache_key(
+    model_name: str, dataset_name: str, dataset_options: dict, config: TrainConfig, seed: int
+) -> str:
     blob = json.dumps(
         {
             "model": model_name,
@@ -86,13 +88,20 @@ def cache_key(model_name: str, dataset_name: str, dataset_options: dict, config:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+def predict(
+    model: nn.Module, images: torch.Tensor, *, batch_size: int = 256, device: str = "cpu"
+) -> torch.Tensor:
     """Predicted classes (N,) for images (N, C, H, W)."""
-    out = [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    out = [
+        model(images[i : i + batch_size].to(device)).argmax(1).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out)
 
 
-def classification_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[str, ...]) -> dict[str, Any]:
+def classification_report(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[str, ...]
+) -> dict[str, Any]:
     """Accuracy and per-class precision, recall, F1 and support (0 where undefined, never NaN)."""
     per_class = {}
     for c, name in enumerate(class_names):
@@ -102,21 +111,42 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: t
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(np.sum(y_true == c))}
-    return {"accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0, "classes": per_class}
+        per_class[name] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": int(np.sum(y_true == c)),
+        }
+    return {
+        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
+        "classes": per_class,
+    }
 
 
-def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, *, seed: int, device: str, desc: str) -> None:
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    *,
+    seed: int,
+    device: str,
+    desc: str,
+) -> None:
     """Seeded AdamW training with a one-cycle schedule and a progress bar."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, -(-len(images) // config.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
+    )
     loss_fn = nn.CrossEntropyLoss()
     # disable=None: a bar on a terminal, silence in CI logs
-    with tqdm(total=config.epochs * steps_per_epoch, desc=desc, unit="step", leave=False, disable=None) as bar:
+    with tqdm(
+        total=config.epochs * steps_per_epoch, desc=desc, unit="step", leave=False, disable=None
+    ) as bar:
         for _ in range(config.epochs):
             order = torch.randperm(len(images), generator=gen)
             for i in range(0, len(images), config.batch_size):
@@ -150,16 +180,29 @@ def get_trained_model(
 ) -> TrainedModel:
     """The trained model from the cache, or trained now and cached; in eval mode on ``device``."""
     model_options = model_options or {}
-    key = cache_key(model_name, dataset_name, {**dataset_options, **{f"model.{k}": v for k, v in model_options.items()}}, config, seed)
+    key = cache_key(
+        model_name,
+        dataset_name,
+        {**dataset_options, **{f"model.{k}": v for k, v in model_options.items()}},
+        config,
+        seed,
+    )
     stem = Path(cache_dir) / "models" / f"{model_name}--{dataset_name}--{key}"
     ckpt, report_path = stem.with_suffix(".pt"), stem.with_suffix(".report.json")
     torch.manual_seed(seed)
-    model = build_model(model_name, in_channels=train_set.channels, num_classes=train_set.num_classes, **model_options)
+    model = build_model(
+        model_name,
+        in_channels=train_set.channels,
+        num_classes=train_set.num_classes,
+        **model_options,
+    )
     if ckpt.exists() and report_path.exists():
         try:
             model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-        except Exception as exc:  # a corrupt cache entry is retrained, not trusted
-            raise UserError(f"cached checkpoint {ckpt} does not load ({exc}); delete it to retrain") from None
+        except Exception as exc:  # a corrupt cache entry is reported, never silently trusted
+            raise UserError(
+                f"cached checkpoint {ckpt} does not load ({exc}); delete it to retrain"
+            ) from None
         return TrainedModel(model.to(device).eval(), json.loads(report_path.read_text()), ckpt)
 
     images, labels = stack(train_set)
@@ -167,12 +210,31 @@ def get_trained_model(
     std = images.std(dim=(0, 2, 3))
     model.normalize.set_stats(mean, std)
     start = time.perf_counter()
-    train(model, images, labels, config, seed=seed, device=device, desc=f"train {model_name} on {dataset_name}")
+    train(
+        model,
+        images,
+        labels,
+        config,
+        seed=seed,
+        device=device,
+        desc=f"train {model_name} on {dataset_name}",
+    )
     seconds = time.perf_counter() - start
     test_images, test_labels = stack(test_set)
     y_pred = predict(model, test_images, device=device).numpy()
     report = classification_report(test_labels.numpy(), y_pred, tuple(test_set.class_names))
-    report.update(model=model_name, dataset=dataset_name, split="test", n=len(y_pred), train_seconds=round(seconds, 2), key=key, seed=seed, train=asdict(config))
-    _atomic_write(ckpt, lambda p: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, p))
+    report.update(
+        model=model_name,
+        dataset=dataset_name,
+        split="test",
+        n=len(y_pred),
+        train_seconds=round(seconds, 2),
+        key=key,
+        seed=seed,
+        train=asdict(config),
+    )
+    _atomic_write(
+        ckpt, lambda p: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, p)
+    )
     _atomic_write(report_path, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     return TrainedModel(model.eval(), report, ckpt)

@@ -69,11 +69,17 @@ class Classifier(nn.Module):
 
 
 def _conv_block(cin: int, cout: int, *, pool: bool) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    ]
     return layers + ([nn.MaxPool2d(2)] if pool else [])
 
 
-@MODELS.register("gapcnn", aliases=("gap-cnn",), default_layer="features", gap_head=True, family="gap_cnn")
+@MODELS.register(
+    "gapcnn", aliases=("gap-cnn",), default_layer="features", gap_head=True, family="gap_cnn"
+)
 def gapcnn(*, in_channels: int, num_classes: int, width: int = 32) -> Classifier:
     """Small CNN, four conv-BN-ReLU blocks (two pooled: the map keeps 1/4 of the input size),
     global average pooling and one linear layer: CAM applies."""
@@ -108,7 +114,9 @@ def resnet18(*, in_channels: int, num_classes: int) -> Classifier:
     features = nn.Sequential()
     for name in ("conv1", "bn1", "relu", "layer1", "layer2", "layer3", "layer4"):
         features.add_module(name, getattr(net, name))
-    return _torchvision_classifier(features, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.fc), in_channels)
+    return _torchvision_classifier(
+        features, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.fc), in_channels
+    )
 
 
 class _DenseHead(nn.Module):
@@ -149,7 +157,14 @@ def vgg16_bn(*, in_channels: int, num_classes: int, hidden: int = 512) -> Classi
     pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
     features = nn.Sequential(*[m for i, m in enumerate(layers) if i not in pools[-2:]])
     head = nn.Sequential(
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(512 * 4, hidden), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, num_classes),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(512 * 4, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, num_classes),
     )
     return _torchvision_classifier(features, head, in_channels)

@@ -68,19 +68,25 @@ def upsample(layer_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling (B, h, w) -> (B, H, W), ``align_corners=False`` as captum does."""
     if tuple(layer_maps.shape[-2:]) == tuple(size):
         return layer_maps
-    return F.interpolate(layer_maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return F.interpolate(layer_maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[
+        :, 0
+    ]
 
 
 def check_inputs(x: torch.Tensor, target: torch.Tensor | int | list[int]) -> torch.Tensor:
     """Validate the batch and return ``target`` as a long tensor (B,) on ``x``'s device."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a float tensor (B, C, H, W); got {shape}. Add a batch dim with x[None].")
+        raise ValueError(
+            f"x must be a float tensor (B, C, H, W); got {shape}. Add a batch dim with x[None]."
+        )
     target = torch.as_tensor(target, device=x.device).long().reshape(-1)
     if target.numel() == 1 and x.shape[0] > 1:
         target = target.expand(x.shape[0])
     if target.numel() != x.shape[0]:
-        raise ValueError(f"target must have one class index per image: {target.numel()} for a batch of {x.shape[0]}")
+        raise ValueError(
+            f"target must have one class index per image: {target.numel()} for a batch of {x.shape[0]}"
+        )
     return target
 
 

@@ -26,7 +26,9 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
 
 
-def gap_head_features(model: nn.Module, x: torch.Tensor, layer) -> tuple[torch.Tensor, nn.Linear, torch.Tensor]:
+def gap_head_features(
+    model: nn.Module, x: torch.Tensor, layer
+) -> tuple[torch.Tensor, nn.Linear, torch.Tensor]:
     """(features F entering the GAP (B, K, h, w), the linear head, logits), or NotApplicable."""
     heads: list[tuple[nn.Linear, torch.Tensor]] = []
     with model_guard(model) as handles:
@@ -34,7 +36,9 @@ def gap_head_features(model: nn.Module, x: torch.Tensor, layer) -> tuple[torch.T
         tap = attach_tap(model, module, handles, point="consumed")
         for m in model.modules():
             if isinstance(m, nn.Linear):
-                handles.append(m.register_forward_hook(lambda mod, inp, out: heads.append((mod, inp[0]))))
+                handles.append(
+                    m.register_forward_hook(lambda mod, inp, out: heads.append((mod, inp[0])))
+                )
         with torch.inference_mode():
             logits = model(x)
     return _check_gap_head(model, tap.activation, heads, logits)
@@ -44,12 +48,18 @@ def gap_head_features(model: nn.Module, x: torch.Tensor, layer) -> tuple[torch.T
 def _check_gap_head(model, features, heads, logits):
     name = type(model).__name__
     if not heads:
-        raise NotApplicable(f"CAM needs a linear classifier after global average pooling; {name} has no nn.Linear")
+        raise NotApplicable(
+            f"CAM needs a linear classifier after global average pooling; {name} has no nn.Linear"
+        )
     head, z = heads[-1]
     if features.dim() != 4:
-        raise NotApplicable(f"CAM needs a (B, K, h, w) target layer; its output has shape {tuple(features.shape)}")
+        raise NotApplicable(
+            f"CAM needs a (B, K, h, w) target layer; its output has shape {tuple(features.shape)}"
+        )
     if not _close(torch.nn.functional.linear(z, head.weight, head.bias), logits):
-        raise NotApplicable(f"CAM needs the last nn.Linear of {name} to produce the logits; it does not")
+        raise NotApplicable(
+            f"CAM needs the last nn.Linear of {name} to produce the logits; it does not"
+        )
     for candidate in (features, torch.relu(features)):
         if _close(candidate.mean(dim=(2, 3)), z.reshape(z.shape[0], -1)):
             return candidate, head, logits
@@ -69,5 +79,7 @@ def cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, layer=None) 
     weights = head.weight.detach()[target]  # (B, K)
     layer_maps = torch.einsum("bk,bkhw->bhw", weights, features.detach())
     return Explanation(
-        maps=upsample(layer_maps, (x.shape[-2], x.shape[-1])), layer_maps=layer_maps, extras={"weights": weights}
+        maps=upsample(layer_maps, (x.shape[-2], x.shape[-1])),
+        layer_maps=layer_maps,
+        extras={"weights": weights},
     )

@@ -69,7 +69,9 @@ def layer_gradient(
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, and 0 where den is 0 (a dead channel or target, never NaN)."""
     nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
+    return torch.where(
+        nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num)
+    )
 
 
 def _weighted(weights: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,9 @@ def gradcam_map(lg: LayerGrad) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return _weighted(alpha, lg.activation), {"alpha": alpha}
 
 
-def gradcampp_map(lg: LayerGrad, *, normalize_alpha: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def gradcampp_map(
+    lg: LayerGrad, *, normalize_alpha: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Grad-CAM++ closed form: a_kij = g^2 / (2 g^2 + sum_ab A_kab g^3) (0 where the denominator
     is 0), w_k = sum_ij a_kij ReLU(g_kij), map = ReLU(sum_k w_k A_k).
 
@@ -125,7 +129,9 @@ VARIANTS: dict[str, Callable[[LayerGrad], tuple[torch.Tensor, dict[str, torch.Te
 }
 
 
-def to_explanation(layer_map: torch.Tensor, size: tuple[int, int], extras: dict[str, torch.Tensor]) -> Explanation:
+def to_explanation(
+    layer_map: torch.Tensor, size: tuple[int, int], extras: dict[str, torch.Tensor]
+) -> Explanation:
     """Wrap a (B, h, w) layer map as an Explanation upsampled to the input size."""
     return Explanation(maps=upsample(layer_map, size), layer_maps=layer_map, extras=extras)
 
@@ -153,7 +159,9 @@ def gradient_cams(
     variants = list(variants)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise UserError(f"unknown gradient CAM variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+        raise UserError(
+            f"unknown gradient CAM variant(s) {unknown}; choose from {sorted(VARIANTS)}"
+        )
     lg = layer_gradient(model, x, target, layer=layer, point=point, score=score)
     size = (x.shape[-2], x.shape[-1])
     result = {}
@@ -168,13 +176,21 @@ _COST = "1F+1B (shared by every gradient CAM of the same layer and target)"
 
 
 @METHODS.register("gradcam", aliases=("grad-cam",), family="cam", needs=_NEEDS, cost=_COST)
-def gradcam(model, x, target, *, layer=None, point: CapturePoint = "produced", score: Score = "logit") -> Explanation:
+def gradcam(
+    model, x, target, *, layer=None, point: CapturePoint = "produced", score: Score = "logit"
+) -> Explanation:
     """Grad-CAM (Selvaraju et al.): ReLU(sum_k alpha_k A_k), alpha_k the spatial mean of dy^c/dA_k."""
-    return gradient_cams(model, x, target, variants=["gradcam"], layer=layer, point=point, score=score)["gradcam"]
+    return gradient_cams(
+        model, x, target, variants=["gradcam"], layer=layer, point=point, score=score
+    )["gradcam"]
 
 
-@METHODS.register("gradcampp", aliases=("grad-cam++", "gradcam++"), family="cam", needs=_NEEDS, cost=_COST)
-def gradcampp(model, x, target, *, layer=None, point: CapturePoint = "produced", normalize_alpha: bool = False) -> Explanation:
+@METHODS.register(
+    "gradcampp", aliases=("grad-cam++", "gradcam++"), family="cam", needs=_NEEDS, cost=_COST
+)
+def gradcampp(
+    model, x, target, *, layer=None, point: CapturePoint = "produced", normalize_alpha: bool = False
+) -> Explanation:
     """Grad-CAM++ (Chattopadhyay et al.), closed form with ReLU(gradient) weights."""
     lg = layer_gradient(model, x, target, layer=layer, point=point)
     layer_map, extras = gradcampp_map(lg, normalize_alpha=normalize_alpha)
@@ -184,16 +200,22 @@ def gradcampp(model, x, target, *, layer=None, point: CapturePoint = "produced",
 @METHODS.register("xgradcam", aliases=("xgrad-cam",), family="cam", needs=_NEEDS, cost=_COST)
 def xgradcam(model, x, target, *, layer=None, point: CapturePoint = "produced") -> Explanation:
     """XGrad-CAM (Fu et al.): activation-normalized gradient weights."""
-    return gradient_cams(model, x, target, variants=["xgradcam"], layer=layer, point=point)["xgradcam"]
+    return gradient_cams(model, x, target, variants=["xgradcam"], layer=layer, point=point)[
+        "xgradcam"
+    ]
 
 
 @METHODS.register("hirescam", aliases=("hires-cam",), family="cam", needs=_NEEDS, cost=_COST)
 def hirescam(model, x, target, *, layer=None, point: CapturePoint = "produced") -> Explanation:
     """HiResCAM (Draelos & Carin): element-wise gradient x activation, summed over channels."""
-    return gradient_cams(model, x, target, variants=["hirescam"], layer=layer, point=point)["hirescam"]
+    return gradient_cams(model, x, target, variants=["hirescam"], layer=layer, point=point)[
+        "hirescam"
+    ]
 
 
 @METHODS.register("layercam", aliases=("layer-cam",), family="cam", needs=_NEEDS, cost=_COST)
 def layercam(model, x, target, *, layer=None, point: CapturePoint = "produced") -> Explanation:
     """LayerCAM (Jiang et al.): ReLU(gradient) x activation, summed over channels."""
-    return gradient_cams(model, x, target, variants=["layercam"], layer=layer, point=point)["layercam"]
+    return gradient_cams(model, x, target, variants=["layercam"], layer=layer, point=point)[
+        "layercam"
+    ]

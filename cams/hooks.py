@@ -37,7 +37,9 @@ _POOLS = (
     nn.Identity,
     nn.Dropout,
 )
-_AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
+_AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @contextlib.contextmanager
@@ -87,7 +89,9 @@ class LayerTap:
         return tensor
 
 
-def attach_tap(model: nn.Module, layer: nn.Module, handles: list, point: CapturePoint = "produced") -> LayerTap:
+def attach_tap(
+    model: nn.Module, layer: nn.Module, handles: list, point: CapturePoint = "produced"
+) -> LayerTap:
     """Register a ``LayerTap`` on ``layer``; its handle goes in ``handles`` (from ``model_guard``)."""
     tap = LayerTap(point)
     handles.append(layer.register_forward_hook(tap))
@@ -98,7 +102,9 @@ def resolve_layer(model: nn.Module, layer: nn.Module | str | None, x: torch.Tens
     """The target layer: a module of ``model``, a dotted name, or ``None``/"auto"."""
     if isinstance(layer, nn.Module):
         if not any(m is layer for m in model.modules()):
-            raise UserError("target layer module is not part of the model; pass one of model.modules()")
+            raise UserError(
+                "target layer module is not part of the model; pass one of model.modules()"
+            )
         return layer
     if layer is None or layer == "auto":
         return dict(model.named_modules())[auto_layer_name(model, x)]

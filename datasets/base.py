@@ -94,7 +94,11 @@ class ArrayDataset(ImageDataset):
         return self.images.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"image": self.images[i], "label": int(self.labels[i]), "id": self.ids[i]}
+        item: dict[str, Any] = {
+            "image": self.images[i],
+            "label": int(self.labels[i]),
+            "id": self.ids[i],
+        }
         if self.masks is not None:
             item["mask"] = self.masks[i]
         if self.organ_masks is not None:

@@ -23,7 +23,9 @@ from torch import nn
 
 from benchmarks.registry import Registry
 
-Kind = Literal["faithfulness", "localization", "robustness", "sanity", "adversarial", "cost", "complexity"]
+Kind = Literal[
+    "faithfulness", "localization", "robustness", "sanity", "adversarial", "cost", "complexity"
+]
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,9 @@ class MetricContext:
     def generator(self, i: int, salt: str = "") -> torch.Generator:
         """A CPU generator for sample ``i``, seeded from the run seed, the sample id and
         ``salt``: the same stream whatever batch the sample is in."""
-        digest = hashlib.blake2b(f"{self.seed}|{self.ids[i]}|{salt}".encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(
+            f"{self.seed}|{self.ids[i]}|{salt}".encode(), digest_size=8
+        ).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
     def predict(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -36,10 +36,17 @@ def median_seconds(fn, *, device: torch.device, warmup: int, repeats: int) -> fl
     return statistics.median(times)
 
 
-@METRICS.register("time", aliases=("wall_time",), kind="cost", higher_is_better=False, needs=("explainer",))
+@METRICS.register(
+    "time", aliases=("wall_time",), kind="cost", higher_is_better=False, needs=("explainer",)
+)
 def wall_time(ctx: MetricContext, *, warmup: int = 1, repeats: int = 3) -> Scores:
     """Seconds per image to explain the batch (median over repeats after warm-up)."""
     if ctx.explain is None:
         raise NotApplicable("time needs the explainer to re-run the method")
-    seconds = median_seconds(lambda: ctx.explain(ctx.model, ctx.x, ctx.target), device=ctx.device, warmup=warmup, repeats=repeats)
+    seconds = median_seconds(
+        lambda: ctx.explain(ctx.model, ctx.x, ctx.target),
+        device=ctx.device,
+        warmup=warmup,
+        repeats=repeats,
+    )
     return Scores(values={"value": np.full(len(ctx.ids), seconds / len(ctx.ids))})

@@ -30,7 +30,9 @@ from metrics.perturbations import get_perturbation
 Order = Literal["morf", "lerf"]
 
 
-def region_ranks(maps: torch.Tensor, region: int, order: Order = "morf") -> tuple[torch.Tensor, int]:
+def region_ranks(
+    maps: torch.Tensor, region: int, order: Order = "morf"
+) -> tuple[torch.Tensor, int]:
     """For maps (B, H, W): the rank (0 first) at which each pixel's region is perturbed, and
     the number of regions. Ties keep grid (raster) order, so ranks are deterministic."""
     if region < 1:
@@ -100,8 +102,13 @@ def _aopc_metric(order: Order):
         correct_only: bool = False,
     ) -> Scores:
         curve = perturbation_curve(
-            ctx, order=order, region=region, steps=steps, perturbation=perturbation,
-            perturbation_options=perturbation_options, score=score,
+            ctx,
+            order=order,
+            region=region,
+            steps=steps,
+            perturbation=perturbation,
+            perturbation_options=perturbation_options,
+            score=score,
         )
         value = _aopc(curve)
         if correct_only:
@@ -111,14 +118,14 @@ def _aopc_metric(order: Order):
     return metric
 
 
-aopc_morf = METRICS.register("aopc_morf", aliases=("aopc", "aopc-morf"), kind="faithfulness", higher_is_better=True)(
-    _aopc_metric("morf")
-)
+aopc_morf = METRICS.register(
+    "aopc_morf", aliases=("aopc", "aopc-morf"), kind="faithfulness", higher_is_better=True
+)(_aopc_metric("morf"))
 aopc_morf.__doc__ = "AOPC over the MoRF curve (Samek et al.): mean score drop as the most relevant regions go first."
 
-aopc_lerf = METRICS.register("aopc_lerf", aliases=("aopc-lerf",), kind="faithfulness", higher_is_better=False)(
-    _aopc_metric("lerf")
-)
+aopc_lerf = METRICS.register(
+    "aopc_lerf", aliases=("aopc-lerf",), kind="faithfulness", higher_is_better=False
+)(_aopc_metric("lerf"))
 aopc_lerf.__doc__ = "AOPC over the LeRF curve: mean score drop as the least relevant regions go first (lower is better)."
 
 
@@ -134,7 +141,13 @@ def abpc(
     correct_only: bool = False,
 ) -> Scores:
     """ABPC: area between the LeRF and MoRF curves, 1/(L+1) sum_k [f(x_lerf^k) - f(x_morf^k)]."""
-    opts = dict(region=region, steps=steps, perturbation=perturbation, perturbation_options=perturbation_options, score=score)
+    opts = dict(
+        region=region,
+        steps=steps,
+        perturbation=perturbation,
+        perturbation_options=perturbation_options,
+        score=score,
+    )
     morf = perturbation_curve(ctx, order="morf", **opts)
     lerf = perturbation_curve(ctx, order="lerf", **opts)
     value = (lerf - morf)[:, 1:].sum(axis=1) / morf.shape[1]

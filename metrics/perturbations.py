@@ -17,16 +17,24 @@ from benchmarks.errors import UserError
 Perturbation = Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]
 
 
-def _noise(x: torch.Tensor, gens: list[torch.Generator], draw: Callable[[tuple, torch.Generator], torch.Tensor]) -> torch.Tensor:
+def _noise(
+    x: torch.Tensor,
+    gens: list[torch.Generator],
+    draw: Callable[[tuple, torch.Generator], torch.Tensor],
+) -> torch.Tensor:
     return torch.stack([draw(tuple(img.shape), g) for img, g in zip(x, gens, strict=True)]).to(x)
 
 
-def gaussian(x: torch.Tensor, gens: list[torch.Generator], *, mean: float = 0.0, std: float = 0.1) -> torch.Tensor:
+def gaussian(
+    x: torch.Tensor, gens: list[torch.Generator], *, mean: float = 0.0, std: float = 0.1
+) -> torch.Tensor:
     """Add Gaussian noise N(mean, std^2) per pixel (not clipped), as the medical AOPC study did."""
     return x + _noise(x, gens, lambda shape, g: torch.randn(shape, generator=g) * std + mean)
 
 
-def uniform(x: torch.Tensor, gens: list[torch.Generator], *, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+def uniform(
+    x: torch.Tensor, gens: list[torch.Generator], *, low: float = 0.0, high: float = 1.0
+) -> torch.Tensor:
     """Replace pixels by uniform noise on [low, high) (Samek et al.'s choice)."""
     return _noise(x, gens, lambda shape, g: torch.rand(shape, generator=g) * (high - low) + low)
 
@@ -71,6 +79,8 @@ PERTURBATIONS: dict[str, Callable[..., torch.Tensor]] = {
 def get_perturbation(name: str, **options) -> Perturbation:
     """The named perturbation with its options bound, e.g. ``get_perturbation("gaussian", std=0.1)``."""
     if name not in PERTURBATIONS:
-        raise UserError(f"unknown perturbation {name!r}; choose from {', '.join(sorted(PERTURBATIONS))}")
+        raise UserError(
+            f"unknown perturbation {name!r}; choose from {', '.join(sorted(PERTURBATIONS))}"
+        )
     fn = PERTURBATIONS[name]
     return lambda x, gens: fn(x, gens, **options)

@@ -36,8 +36,14 @@ def make_ctx(b=3, size=8, seed=0, batch_size=64, maps=None):
         logits = model(x)
     target = torch.ones(b, dtype=torch.long)
     return MetricContext(
-        model=model, x=x, labels=target, target=target, maps=contrib if maps is None else maps,
-        logits=logits, ids=[f"s{i}" for i in range(b)], batch_size=batch_size,
+        model=model,
+        x=x,
+        labels=target,
+        target=target,
+        maps=contrib if maps is None else maps,
+        logits=logits,
+        ids=[f"s{i}" for i in range(b)],
+        batch_size=batch_size,
     ), contrib
 
 
@@ -45,7 +51,11 @@ def hand_aopc(contrib: torch.Tensor, region: int, steps: int, descending: bool) 
     out = []
     for c in contrib.numpy():
         h, w = c.shape
-        sums = [c[r : r + region, q : q + region].sum() for r in range(0, h, region) for q in range(0, w, region)]
+        sums = [
+            c[r : r + region, q : q + region].sum()
+            for r in range(0, h, region)
+            for q in range(0, w, region)
+        ]
         order = sorted(range(len(sums)), key=lambda i: -sums[i] if descending else sums[i])
         drops = np.cumsum([sums[i] for i in order[:steps]])  # f(x0) - f(xk), zero perturbation
         out.append(drops.sum() / (steps + 1))
@@ -66,7 +76,9 @@ def test_curve_is_stored_with_l_plus_one_points():
     scores = aopc_morf(ctx, region=2, steps=7, perturbation="zero")
     curve = scores.curves["morf"]
     assert curve.shape == (3, 8)
-    np.testing.assert_allclose(scores.values["value"], (curve[:, :1] - curve[:, 1:]).sum(1) / 8, rtol=1e-6)
+    np.testing.assert_allclose(
+        scores.values["value"], (curve[:, :1] - curve[:, 1:]).sum(1) / 8, rtol=1e-6
+    )
     full = aopc_morf(ctx, region=2, perturbation="zero").curves["morf"]
     np.testing.assert_allclose(full[:, -1], 0.0, atol=1e-5)  # every region zeroed: score 0
 
@@ -74,7 +86,9 @@ def test_curve_is_stored_with_l_plus_one_points():
 def test_true_contribution_beats_random_beats_inverted():
     ctx, contrib = make_ctx(b=8)
     true = aopc_morf(ctx, region=2, steps=8, perturbation="zero").values["value"]
-    rand_ctx, _ = make_ctx(b=8, maps=torch.rand(8, 8, 8, generator=torch.Generator().manual_seed(5)))
+    rand_ctx, _ = make_ctx(
+        b=8, maps=torch.rand(8, 8, 8, generator=torch.Generator().manual_seed(5))
+    )
     rand = aopc_morf(rand_ctx, region=2, steps=8, perturbation="zero").values["value"]
     inv_ctx, _ = make_ctx(b=8, maps=-contrib)
     inv = aopc_morf(inv_ctx, region=2, steps=8, perturbation="zero").values["value"]
@@ -86,9 +100,13 @@ def test_true_contribution_beats_random_beats_inverted():
 @pytest.mark.parametrize("batch_size", [1, 7, 512])
 def test_forward_batch_knob_does_not_change_the_result(batch_size):
     ref_ctx, _ = make_ctx(b=4)
-    ref = aopc_morf(ref_ctx, region=2, steps=10, perturbation="gaussian", perturbation_options={"std": 0.1}).curves["morf"]
+    ref = aopc_morf(
+        ref_ctx, region=2, steps=10, perturbation="gaussian", perturbation_options={"std": 0.1}
+    ).curves["morf"]
     ctx, _ = make_ctx(b=4, batch_size=batch_size)
-    got = aopc_morf(ctx, region=2, steps=10, perturbation="gaussian", perturbation_options={"std": 0.1}).curves["morf"]
+    got = aopc_morf(
+        ctx, region=2, steps=10, perturbation="gaussian", perturbation_options={"std": 0.1}
+    ).curves["morf"]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -47,13 +47,39 @@ steps = 4
 def flat_head(*, in_channels: int, num_classes: int) -> Classifier:
     """A CNN with a flatten + linear head: CAM does not apply."""
     features = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
-    return Classifier(Normalize(in_channels), features, nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, num_classes)))
+    return Classifier(
+        Normalize(in_channels),
+        features,
+        nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, num_classes)),
+    )
 
 
 def test_smoke_suite_end_to_end(tmp_path, cache, capsys):
     out = tmp_path / "run"
-    assert main(["--suite", "smoke", "--out", str(out), "--cache", cache, "--no-progress", "--metrics", "aopc_morf"]) == 0
-    for name in ("manifest.json", "rows.parquet", "cells.parquet", "curves.parquet", "leaderboard.md", "leaderboard.csv"):
+    assert (
+        main(
+            [
+                "--suite",
+                "smoke",
+                "--out",
+                str(out),
+                "--cache",
+                cache,
+                "--no-progress",
+                "--metrics",
+                "aopc_morf",
+            ]
+        )
+        == 0
+    )
+    for name in (
+        "manifest.json",
+        "rows.parquet",
+        "cells.parquet",
+        "curves.parquet",
+        "leaderboard.md",
+        "leaderboard.csv",
+    ):
         assert (out / name).is_file(), name
     board = pd.read_csv(out / "leaderboard.csv").set_index("method")
     assert board.loc["cam", "mean"] > board.loc["random", "mean"]
@@ -68,13 +94,30 @@ def test_smoke_suite_end_to_end(tmp_path, cache, capsys):
     assert len(curves) == 3 * 64 and all(len(v) == 17 for v in curves["values"])
     # a rerun of the same command resumes: the stored group is not recomputed
     before = (out / "leaderboard.csv").read_text()
-    assert main(["--suite", "smoke", "--out", str(out), "--cache", cache, "--no-progress", "--metrics", "aopc_morf"]) == 0
+    assert (
+        main(
+            [
+                "--suite",
+                "smoke",
+                "--out",
+                str(out),
+                "--cache",
+                cache,
+                "--no-progress",
+                "--metrics",
+                "aopc_morf",
+            ]
+        )
+        == 0
+    )
     assert "already stored" in capsys.readouterr().err
     assert (out / "leaderboard.csv").read_text() == before
 
 
 def test_not_applicable_method_is_recorded(tmp_path, cache):
-    suite = write_suite(tmp_path / "na.toml", SMALL + "[models.test-flat-head]\n[methods.cam]\n[methods.gradcam]\n")
+    suite = write_suite(
+        tmp_path / "na.toml", SMALL + "[models.test-flat-head]\n[methods.cam]\n[methods.gradcam]\n"
+    )
     out = tmp_path / "run"
     assert main(["--suite", suite, "--out", str(out), "--cache", cache, "--no-progress"]) == 0
     cells = pd.read_parquet(out / "cells.parquet").set_index("method")
@@ -102,8 +145,14 @@ def test_unknown_names_exit_2_with_close_matches(args, needle, capsys):
 @pytest.mark.parametrize(
     "body,needle",
     [
-        (SMALL + "[models.gapcnn]\n[methods.\"gradcam+\"]\n", "Unknown method 'gradcam+'. Did you mean: gradcam"),
-        (SMALL.replace("aopc_morf", "aopc_morph") + "[models.gapcnn]\n", "Unknown metric 'aopc_morph'. Did you mean: aopc_morf"),
+        (
+            SMALL + '[models.gapcnn]\n[methods."gradcam+"]\n',
+            "Unknown method 'gradcam+'. Did you mean: gradcam",
+        ),
+        (
+            SMALL.replace("aopc_morf", "aopc_morph") + "[models.gapcnn]\n",
+            "Unknown metric 'aopc_morph'. Did you mean: aopc_morf",
+        ),
         (SMALL + "[models.gapcnn]\n[methods.gradcam]\nlayr = 'features'\n", "unknown key 'layr'"),
         (SMALL.replace("[eval]", "[evaluation]") + "[models.gapcnn]\n", "Did you mean: eval"),
     ],
@@ -116,7 +165,12 @@ def test_suite_file_errors_name_file_key_and_matches(tmp_path, body, needle, cap
 
 
 def test_exit_status_2_from_a_real_process():
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "medicall"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--suite", "medicall"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "Unknown suite 'medicall'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -125,5 +179,11 @@ def test_exit_status_2_from_a_real_process():
 def test_list(what, capsys):
     assert main(["--list", what]) == 0
     out = capsys.readouterr().out
-    expected = {"methods": "gradcam", "metrics": "aopc_morf", "datasets": "synth-lesion", "models": "gapcnn", "suites": "smoke"}
+    expected = {
+        "methods": "gradcam",
+        "metrics": "aopc_morf",
+        "datasets": "synth-lesion",
+        "models": "gapcnn",
+        "suites": "smoke",
+    }
     assert expected[what] in out
