@@ -67,11 +67,29 @@ def stack(dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
 
 
+def data_fingerprint(dataset: ImageDataset) -> str:
+    """Hash of an in-memory dataset's images and labels: a generator or loader change that
+    alters the training data changes the cache key even if nobody bumped a version. Lazy
+    datasets (too large to hash on every run) return "" and rely on names, options, versions."""
+    if not (hasattr(dataset, "images") and hasattr(dataset, "labels")):
+        return ""
+    digest = hashlib.sha256()
+    digest.update(dataset.images.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(dataset.labels.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(
-    model_name: str, dataset_name: str, dataset_options: dict, config: TrainConfig, seed: int
+    model_name: str,
+    dataset_name: str,
+    dataset_options: dict,
+    config: TrainConfig,
+    seed: int,
+    fingerprint: str = "",
 ) -> str:
     blob = json.dumps(
         {
+            "data": fingerprint,
             "model": model_name,
             "model_version": MODELS.get(model_name).info.version,
             "dataset": dataset_name,
@@ -186,6 +204,7 @@ def get_trained_model(
         {**dataset_options, **{f"model.{k}": v for k, v in model_options.items()}},
         config,
         seed,
+        data_fingerprint(train_set),
     )
     stem = Path(cache_dir) / "models" / f"{model_name}--{dataset_name}--{key}"
     ckpt, report_path = stem.with_suffix(".pt"), stem.with_suffix(".report.json")

@@ -1,0 +1,71 @@
+"""Model training and its cache: deterministic for a seed, keyed by what determines the
+weights (including the training data itself), classification report checked against sklearn."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.training import TrainConfig, classification_report, get_trained_model
+from datasets import DATASETS
+
+pytestmark = pytest.mark.harness
+CFG = TrainConfig(epochs=1, batch_size=32)
+
+
+def data(seed=0, n=64):
+    make = DATASETS.get("synth-lesion").obj
+    return make("train", seed=seed, n=n), make("test", seed=seed, n=32)
+
+
+def train(tmp_path, seed=0, data_seed=0, cache="c"):
+    tr, te = data(data_seed)
+    return get_trained_model(
+        "gapcnn",
+        "synth-lesion",
+        train_set=tr,
+        test_set=te,
+        dataset_options={"n": 64},
+        config=CFG,
+        seed=seed,
+        cache_dir=tmp_path / cache,
+    )
+
+
+def test_same_seed_same_weights_and_cache_hit(tmp_path):
+    first = train(tmp_path, cache="a")
+    again = train(tmp_path, cache="b")  # trained from scratch in another cache
+    for (k, v), w in zip(
+        first.model.state_dict().items(), again.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(v, w), k
+    assert first.report["accuracy"] == again.report["accuracy"]
+    mtime = first.checkpoint.stat().st_mtime_ns
+    hit = train(tmp_path, cache="a")
+    assert hit.checkpoint == first.checkpoint and hit.checkpoint.stat().st_mtime_ns == mtime
+    assert not hit.model.training
+
+
+def test_key_changes_with_seed_and_with_the_data(tmp_path):
+    base = train(tmp_path).checkpoint
+    assert train(tmp_path, seed=1).checkpoint != base
+    # same names and options, different training data: a different entry, not a stale hit
+    assert train(tmp_path, data_seed=1).checkpoint != base
+
+
+def test_classification_report_matches_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
+    y_pred[:5] = 2  # class 2 over-predicted
+    rep = classification_report(y_true, y_pred, ("a", "b", "c"))
+    p, r, f, s = metrics.precision_recall_fscore_support(
+        y_true, y_pred, labels=[0, 1, 2], zero_division=0
+    )
+    assert rep["accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred))
+    for i, name in enumerate("abc"):
+        c = rep["classes"][name]
+        assert (c["precision"], c["recall"], c["f1"], c["support"]) == pytest.approx(
+            (p[i], r[i], f[i], s[i])
+        )
+    empty = classification_report(np.array([0, 0]), np.array([0, 0]), ("a", "b"))
+    assert empty["classes"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
