@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -43,6 +42,7 @@ from benchmarks.runner import check_device
 from benchmarks.store import atomic_write_text
 from cams import METHODS
 from cams.gradient_cams import gradient_cams
+from metrics.cost import timed
 
 CHUNK = 64  # masked images per forward, for every implementation of Score-CAM and occlusion
 WINDOW, STRIDE = 16, 8
@@ -101,20 +101,6 @@ class Case:
     make: Callable[[Context], Callable[[torch.Tensor, torch.Tensor], object]] | None
     kind: str = ""  # "scorecam" or "occlusion": many forwards, subset and forwards ratio
     note: str = ""
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall seconds of one call, synchronized on GPU before each clock read."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def _error(exc: Exception) -> str:

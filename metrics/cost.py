@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,18 +23,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call of ``fn()``, synchronized on GPU before each clock read."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def median_seconds(fn, *, device: torch.device, warmup: int, repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(max(1, repeats)))
 
 
 @METRICS.register(
