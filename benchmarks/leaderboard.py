@@ -10,6 +10,8 @@ and two runs with the same results give byte-identical files.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -108,6 +110,77 @@ def to_csv(table: pd.DataFrame) -> str:
     return out.to_csv(index=False, lineterminator="\n")
 
 
+@dataclass
+class Block:
+    """One (dataset, model) table of a leaderboard, ready to render."""
+
+    dataset: str
+    model: str
+    metrics: list[tuple[str, bool]]  # (metric, higher_is_better)
+    rows: list[tuple[str, list[dict[str, Any]], str]]  # method, cells, mean rank
+    report: str  # the model's classification report in one line ("" if none)
+
+
+def blocks(
+    table: pd.DataFrame, reports: dict[str, dict] | None, footnotes: dict[str, int]
+) -> list[Block]:
+    """The per-(dataset, model) tables; ``footnotes`` collects the reasons of cells that are
+    not ok (text -> number). Each cell is {"ok": bool, "mean", "ci_low", "ci_high", "n",
+    "rank"} or {"ok": False, "status", "note"}."""
+    ranks = mean_ranks(table)
+    out = []
+    for (dataset, model), grp in table.groupby(["dataset", "model"], sort=True):
+        metrics = [
+            (m, bool(grp[grp["metric"] == m]["higher_is_better"].iloc[0]))
+            for m in dict.fromkeys(grp["metric"])
+        ]
+        rows = []
+        for method, mg in grp.groupby("method", sort=False):
+            cells: list[dict[str, Any]] = []
+            for m, _ in metrics:
+                row = mg[mg["metric"] == m]
+                if not len(row):
+                    cells.append({"ok": False, "status": "", "note": 0})
+                    continue
+                r = row.iloc[0]
+                if r["status"] == "ok":
+                    cells.append(
+                        {
+                            "ok": True,
+                            **{k: r[k] for k in ("mean", "ci_low", "ci_high", "n", "rank")},
+                        }
+                    )
+                else:
+                    note = footnotes.setdefault(f"{r['status']}: {r['reason']}", len(footnotes) + 1)
+                    cells.append(
+                        {"ok": False, "status": r["status"].replace("_", " "), "note": note}
+                    )
+            mr = ranks[
+                (ranks["dataset"] == dataset)
+                & (ranks["model"] == model)
+                & (ranks["method"] == method)
+            ]
+            rows.append((method, cells, f"{mr['mean_rank'].iloc[0]:.2f}" if len(mr) else ""))
+        key = f"{model}--{dataset}"
+        report = ""
+        if reports and key in reports and "accuracy" in reports[key]:
+            rep = reports[key]
+            per_class = ", ".join(
+                f"{c}: P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f}"
+                for c, v in rep.get("classes", {}).items()
+            )
+            report = (
+                f"Model: test accuracy {rep['accuracy']:.3f} (n={rep.get('n', '?')}); {per_class}."
+            )
+        out.append(Block(dataset, model, metrics, rows, report))
+    return out
+
+
+CELL_LEGEND = (
+    "Cells: mean [95% bootstrap CI] over images, n images, #rank among methods (1 = best)."
+)
+
+
 def to_markdown(
     table: pd.DataFrame,
     *,
@@ -120,54 +193,28 @@ def to_markdown(
     lines += [f"- {n}" for n in notes]
     if notes:
         lines.append("")
-    ranks = mean_ranks(table)
     footnotes: dict[str, int] = {}
-    for (dataset, model), grp in table.groupby(["dataset", "model"], sort=True):
-        lines += [f"## {dataset} / {model}", ""]
-        metrics = list(dict.fromkeys(grp["metric"]))
-        arrows = {
-            m: ("↑" if bool(grp[grp["metric"] == m]["higher_is_better"].iloc[0]) else "↓")
-            for m in metrics
-        }
+    for block in blocks(table, reports, footnotes):
+        lines += [f"## {block.dataset} / {block.model}", ""]
         lines.append(
-            "| method | " + " | ".join(f"{m} {arrows[m]}" for m in metrics) + " | mean rank |"
+            "| method | "
+            + " | ".join(f"{m} {'↑' if up else '↓'}" for m, up in block.metrics)
+            + " | mean rank |"
         )
-        lines.append("|---" * (len(metrics) + 2) + "|")
-        for method, mg in grp.groupby("method", sort=False):
-            cells = []
-            for m in metrics:
-                row = mg[mg["metric"] == m]
-                if not len(row):
-                    cells.append("")
-                    continue
-                r = row.iloc[0]
-                if r["status"] == "ok":
-                    cells.append(
-                        f"{_fmt(r['mean'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] n={r['n']} #{r['rank']}"
-                    )
-                else:
-                    note = footnotes.setdefault(f"{r['status']}: {r['reason']}", len(footnotes) + 1)
-                    cells.append(f"{r['status'].replace('_', ' ')} [{note}]")
-            mr = ranks[
-                (ranks["dataset"] == dataset)
-                & (ranks["model"] == model)
-                & (ranks["method"] == method)
+        lines.append("|---" * (len(block.metrics) + 2) + "|")
+        for method, cells, mean_rank in block.rows:
+            text = [
+                f"{_fmt(c['mean'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] n={c['n']} #{c['rank']}"
+                if c["ok"]
+                else (f"{c['status']} [{c['note']}]" if c["status"] else "")
+                for c in cells
             ]
-            cells.append(f"{mr['mean_rank'].iloc[0]:.2f}" if len(mr) else "")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        key = f"{model}--{dataset}"
-        if reports and key in reports and "accuracy" in reports[key]:
-            rep = reports[key]
-            per_class = ", ".join(
-                f"{c}: P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f}"
-                for c, v in rep.get("classes", {}).items()
-            )
-            lines += [
-                "",
-                f"Model: test accuracy {rep['accuracy']:.3f} (n={rep.get('n', '?')}); {per_class}.",
-            ]
+            lines.append(f"| {method} | " + " | ".join([*text, mean_rank]) + " |")
+        if block.report:
+            lines += ["", block.report]
         lines.append("")
-    overall = ranks[ranks["dataset"] == "all"].sort_values("mean_rank", kind="stable")
+    overall = mean_ranks(table)
+    overall = overall[overall["dataset"] == "all"].sort_values("mean_rank", kind="stable")
     if len(overall):
         lines += ["## Overall mean rank", "", "| method | mean rank |", "|---|---|"]
         lines += [f"| {r.method} | {r.mean_rank:.2f} |" for r in overall.itertuples()]
@@ -176,7 +223,75 @@ def to_markdown(
         lines += ["## Notes", ""]
         lines += [f"[{i}] {text}" for text, i in footnotes.items()]
         lines.append("")
-    lines.append(
-        "Cells: mean [95% bootstrap CI] over images, n images, #rank among methods (1 = best)."
-    )
+    lines.append(CELL_LEGEND)
+    return "\n".join(lines) + "\n"
+
+
+_TEX = str.maketrans(
+    {
+        "&": r"\&",
+        "%": r"\%",
+        "$": r"\$",
+        "#": r"\#",
+        "_": r"\_",
+        "{": r"\{",
+        "}": r"\}",
+        "~": r"\textasciitilde{}",
+        "^": r"\textasciicircum{}",
+        "\\": r"\textbackslash{}",
+    }
+)
+
+
+def tex_escape(text: str) -> str:
+    return str(text).translate(_TEX)
+
+
+def to_latex(
+    table: pd.DataFrame,
+    *,
+    title: str,
+    reports: dict[str, dict] | None = None,
+    notes: list[str] = (),
+) -> str:
+    """The leaderboard as LaTeX (booktabs): one table per (dataset, model), the best mean of
+    each metric in bold, not-applicable cells with a numbered note; then the mean ranks."""
+    lines = [f"% {tex_escape(title)}", "% requires \\usepackage{booktabs}"]
+    lines += [f"% {tex_escape(n)}" for n in notes]
+    footnotes: dict[str, int] = {}
+    for block in blocks(table, reports, footnotes):
+        lines += [
+            "\\begin{table}[ht]",
+            "\\centering\\small",
+            f"\\caption{{{tex_escape(block.dataset)} / {tex_escape(block.model)}. "
+            + tex_escape(CELL_LEGEND.removeprefix("Cells: ").replace("#rank", "rank"))
+            + (f" {tex_escape(block.report)}" if block.report else "")
+            + "}",
+            "\\begin{tabular}{l" + "r" * (len(block.metrics) + 1) + "}",
+            "\\toprule",
+            "method & "
+            + " & ".join(
+                f"{tex_escape(m)} $\\{'uparrow' if up else 'downarrow'}$" for m, up in block.metrics
+            )
+            + " & mean rank \\\\",
+            "\\midrule",
+        ]
+        for method, cells, mean_rank in block.rows:
+            text = []
+            for c in cells:
+                if c["ok"]:
+                    mean = _fmt(c["mean"])
+                    mean = f"\\textbf{{{mean}}}" if c["rank"] == 1 else mean
+                    text.append(f"{mean} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]")
+                else:
+                    text.append(
+                        f"{tex_escape(c['status'])}$^{{{c['note']}}}$" if c["status"] else ""
+                    )
+            lines.append(f"{tex_escape(method)} & " + " & ".join([*text, mean_rank]) + " \\\\")
+        lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    if footnotes:
+        lines += ["% notes:"] + [f"% [{i}] {tex_escape(t)}" for t, i in footnotes.items()]
+        lines += ["\\begin{itemize}\\footnotesize"]
+        lines += [f"\\item[{i}] {tex_escape(t)}" for t, i in footnotes.items()]
+        lines += ["\\end{itemize}"]
     return "\n".join(lines) + "\n"

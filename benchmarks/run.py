@@ -5,6 +5,8 @@ Examples::
     python -m benchmarks.run --suite smoke
     python -m benchmarks.run --suite medical --data-root ../shared/data
     python -m benchmarks.run --suite smoke --methods 'grad*' --metrics aopc_morf
+    python -m benchmarks.run --suite medical --dry-run
+    python -m benchmarks.run --suite medical --data-root ../shared/data --strict
     python -m benchmarks.run --list methods
 
 Exit status: 0 when every cell ran or was recorded as not applicable, 1 when a cell
@@ -23,8 +25,8 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks.errors import UserError
-from benchmarks.leaderboard import aggregate, to_csv, to_markdown
-from benchmarks.runner import check_device, group_specs, log, run_group
+from benchmarks.leaderboard import aggregate, to_csv, to_latex, to_markdown
+from benchmarks.runner import check_device, format_plan, group_specs, log, plan, run_group
 from benchmarks.store import RunStore, atomic_write_parquet, atomic_write_text
 from benchmarks.suite import available_suites, filter_suite, load_suite, registries
 
@@ -108,6 +110,16 @@ def parser() -> argparse.ArgumentParser:
         "--max-images", type=int, help="override the number of images per (model, dataset)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (cells, not-applicable ones with reasons, passes) and exit",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="missing real data is an error (default: skip that dataset and say so)",
+    )
     return p
 
 
@@ -133,6 +145,15 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     if args.data_root and not Path(args.data_root).is_dir():
         raise UserError(f"--data-root {args.data_root} is not a directory")
+    planned = plan(suite, data_root=args.data_root)
+    if args.dry_run:
+        print(format_plan(suite, planned))
+        return 0
+    missing = {g.dataset: g.data for g in planned if g.data.startswith("missing")}
+    if args.strict and missing:
+        raise UserError(
+            "--strict: " + "; ".join(f"dataset {name} {why}" for name, why in missing.items())
+        )
 
     run_dir = (
         Path(args.out) if args.out else Path("results") / f"{suite.name}-{suite.config_hash()}"
@@ -183,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
                 curves=result.curves,
                 cells=result.cells,
                 report=result.report,
+                examples=result.examples,
             )
             manifest["groups"][key] = "skipped" if result.skipped else "done"
 
@@ -200,12 +222,13 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_parquet(run_dir / "cells.parquet", cells)
         atomic_write_parquet(run_dir / "curves.parquet", curves)
         atomic_write_text(run_dir / "leaderboard.csv", to_csv(table))
-        atomic_write_text(
-            run_dir / "leaderboard.md",
-            to_markdown(
-                table, title=f"Leaderboard: {suite.name}", reports=store.reports(), notes=notes
-            ),
-        )
+        for suffix, render in ((".md", to_markdown), (".tex", to_latex)):
+            atomic_write_text(
+                run_dir / f"leaderboard{suffix}",
+                render(
+                    table, title=f"Leaderboard: {suite.name}", reports=store.reports(), notes=notes
+                ),
+            )
         errors = cells[cells["status"] == "error"]
         manifest.update(
             finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 from benchmarks.errors import DataNotFound, NotApplicable, UserError
 from benchmarks.store import CELL_COLUMNS, CURVE_COLUMNS, ROW_COLUMNS
-from benchmarks.suite import Component, Suite, option_names
+from benchmarks.suite import Component, Suite, builder_options, option_names, train_config
 from benchmarks.training import get_trained_model
 from benchmarks.zoo import MODELS
 from cams import METHODS
+from cams.gradient_cams import SharedPass
 from datasets import DATASETS
 from metrics import METRICS, MetricContext
 
@@ -52,6 +53,12 @@ class GroupResult:
     cells: pd.DataFrame
     report: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None  # reason the whole group was skipped (data not found)
+    # the first EXAMPLES evaluation images with their masks and every method's maps, for
+    # figures: images, ids, masks (if any), maps__<method label>
+    examples: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+EXAMPLES = 4
 
 
 def log(message: str) -> None:
@@ -78,7 +85,7 @@ def resolve_data_root(dataset: Component, data_root: str | None) -> str | None:
 
 
 def load_dataset(dataset: Component, split: str, *, seed: int, data_root: str | None):
-    opts = {k: v for k, v in dataset.options.items() if k != "root"}
+    opts = builder_options(dataset, "datasets")
     root = resolve_data_root(dataset, data_root)
     return DATASETS.get(dataset.use).obj(split, root=root, seed=seed, **opts)
 
@@ -94,6 +101,16 @@ def _batches(ds, indices: np.ndarray, batch_size: int):
         for key in ("mask", "organ_mask"):
             batch[key] = torch.stack([it[key] for it in items]) if key in items[0] else None
         yield batch
+
+
+def _take(entry: Component, seen: dict, key, available: int) -> int:
+    """How many of the ``available`` images the entry takes now, within its ``max_images``
+    (counted in ``seen`` under ``key``)."""
+    cap = entry.options.get("max_images")
+    already = seen.get(key, 0)
+    n = available if cap is None else max(0, min(available, int(cap) - already))
+    seen[key] = already + n
+    return n
 
 
 def _call_options(fn, options: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -150,7 +167,6 @@ def run_group(spec: GroupSpec) -> GroupResult:
         )
 
     device = torch.device(spec.device)
-    model_opts = {k: v for k, v in mc.options.items() if k not in ("layer", "checkpoint")}
     trained = get_trained_model(
         mc.use,
         dc.use,
@@ -158,12 +174,13 @@ def run_group(spec: GroupSpec) -> GroupResult:
         test_set=eval_set
         if suite.eval.split == "test"
         else load_dataset(dc, "test", seed=suite.seed, data_root=spec.data_root),
-        dataset_options=dc.options,
-        config=suite.train,
+        dataset_options=builder_options(dc, "datasets"),
+        config=train_config(suite, mc, dc),
         seed=suite.seed,
         cache_dir=Path(spec.cache_dir),
         device=spec.device,
-        model_options=model_opts,
+        model_options=builder_options(mc, "models"),
+        checkpoint=mc.options.get("checkpoint"),
     )
     model = trained.model
     layer = mc.options.get("layer") or MODELS.get(mc.use).info.default_layer
@@ -202,26 +219,49 @@ def run_group(spec: GroupSpec) -> GroupResult:
         unit="method-batch",
         disable=None if spec.progress else True,
     )
+    examples: dict[str, np.ndarray] = {}
+    explained: dict[str, int] = {}  # images explained so far, per method
+    scored: dict[tuple[str, str], int] = {}  # images scored so far, per cell
     for batch in _batches(eval_set, indices, suite.eval.batch_size):
-        x = batch["x"].to(device)
-        labels = batch["labels"].to(device)
+        if not examples:
+            k = min(EXAMPLES, len(batch["ids"]))
+            examples["images"] = batch["x"][:k].numpy().astype(np.float32)
+            examples["ids"] = np.array(batch["ids"][:k], dtype=str)
+            if batch["mask"] is not None:
+                examples["masks"] = batch["mask"][:k].numpy().astype(bool)
+        x_all = batch["x"].to(device)
+        labels_all = batch["labels"].to(device)
         with torch.inference_mode():
-            logits = model(x)
-        target = logits.argmax(1) if suite.eval.target == "predicted" else labels
-        correct = (logits.argmax(1) == labels).cpu().numpy()
+            logits_all = model(x_all)
+        target_all = logits_all.argmax(1) if suite.eval.target == "predicted" else labels_all
+        correct_all = (logits_all.argmax(1) == labels_all).cpu().numpy()
+        # one forward + backward for every gradient CAM of the batch
+        shared = SharedPass(model, x_all, target_all, layer=layer)
         for m in methods:
             bar.update(1)
             pending = [k for k in metrics if (m.label, k.label) not in status]
-            if not pending:
+            # an entry's max_images caps the images it sees: the first ones of the draw
+            n_m = _take(m, explained, m.label, len(x_all))
+            if not pending or n_m == 0:
                 continue
             fn = METHODS.get(m.use).obj
-            opts = _call_options(fn, m.options, suite.seed)
+            opts = _call_options(fn, builder_options(m, "methods"), suite.seed)
 
             def explain(mod, xx, tt, fn=fn, opts=opts):
                 return fn(mod, xx, tt, layer=layer, **opts).maps
 
+            x, target = x_all[:n_m], target_all[:n_m]
             try:
-                maps = explain(model, x, target)
+                done = (
+                    shared.explain(m.use, builder_options(m, "methods"))
+                    if n_m == len(x_all)
+                    else None
+                )
+                maps_all = done.maps if done is not None else explain(model, x, target)
+                key = f"maps__{m.label}"
+                if key not in examples and len(maps_all) >= len(examples["ids"]):
+                    k = len(examples["ids"])
+                    examples[key] = maps_all[:k].detach().float().cpu().numpy()
             except NotApplicable as exc:
                 for k in pending:
                     status[(m.label, k.label)] = _cell(
@@ -238,24 +278,29 @@ def run_group(spec: GroupSpec) -> GroupResult:
                     )
                 continue
             for k in pending:
+                n = _take(k, scored, (m.label, k.label), n_m)
+                if n == 0:
+                    continue
+                ids = batch["ids"][:n]
+                labels, correct = labels_all[:n], correct_all[:n]
                 ctx = MetricContext(
                     model=model,
-                    x=x,
+                    x=x[:n],
                     labels=labels,
-                    target=target,
-                    maps=maps.to(device),
-                    logits=logits,
-                    ids=batch["ids"],
-                    masks=None if batch["mask"] is None else batch["mask"].to(device),
+                    target=target[:n],
+                    maps=maps_all[:n].to(device),
+                    logits=logits_all[:n],
+                    ids=ids,
+                    masks=None if batch["mask"] is None else batch["mask"][:n].to(device),
                     organ_masks=None
                     if batch["organ_mask"] is None
-                    else batch["organ_mask"].to(device),
+                    else batch["organ_mask"][:n].to(device),
                     explain=explain,
                     seed=suite.seed,
                     batch_size=suite.eval.forward_batch,
                 )
                 try:
-                    scores = METRICS.get(k.use).obj(ctx, **k.options)
+                    scores = METRICS.get(k.use).obj(ctx, **builder_options(k, "metrics"))
                 except NotApplicable as exc:
                     status[(m.label, k.label)] = _cell(
                         mc.label, dc.label, m.label, k.label, "not_applicable", f"{k.label}: {exc}"
@@ -282,9 +327,9 @@ def run_group(spec: GroupSpec) -> GroupResult:
                             {
                                 **base,
                                 "output": output,
-                                "sample_id": np.array(batch["ids"], dtype=object)[keep],
-                                "label": batch["labels"].numpy()[keep],
-                                "target": target.cpu().numpy()[keep],
+                                "sample_id": np.array(ids, dtype=object)[keep],
+                                "label": labels.cpu().numpy()[keep],
+                                "target": target[:n].cpu().numpy()[keep],
                                 "correct": correct[keep],
                                 "value": values[keep],
                             }
@@ -296,7 +341,7 @@ def run_group(spec: GroupSpec) -> GroupResult:
                             {
                                 **base,
                                 "curve": name,
-                                "sample_id": batch["ids"],
+                                "sample_id": ids,
                                 "values": [list(map(float, c)) for c in np.asarray(curve)],
                             }
                         )
@@ -332,6 +377,7 @@ def run_group(spec: GroupSpec) -> GroupResult:
         _concat(curves, CURVE_COLUMNS),
         pd.DataFrame(cells, columns=CELL_COLUMNS),
         report,
+        examples=examples,
     )
 
 
@@ -366,3 +412,89 @@ def check_device(device: str) -> str:
             f"--device {device!r} is not a device torch knows; use cpu, cuda, cuda:N or auto"
         ) from None
     return device
+
+
+@dataclass
+class PlannedGroup:
+    """A (model, dataset) group as the dry run sees it, before any data is read."""
+
+    model: str
+    dataset: str
+    data: str  # "synthetic", "real: <root>" or "missing: <how to provide it>"
+    cells: list[dict[str, Any]]  # model, dataset, method, metric, status, reason
+    passes: dict[str, str]  # method -> the passes it costs per image
+
+
+def static_reason(suite: Suite, mc: Component, dc: Component, m: Component, k: Component) -> str:
+    """Why a cell cannot apply, from the registries' metadata alone ("" if it may apply)."""
+    model_info = MODELS.get(mc.use).info
+    if "gap_head" in METHODS.get(m.use).info.needs and not model_info.gap_head:
+        return f"{m.label} needs a GAP + linear head; {mc.label} has a fully-connected head"
+    data_info = DATASETS.get(dc.use).info
+    missing = [
+        need
+        for need, has in (("masks", data_info.masks), ("organ_masks", data_info.organ_masks))
+        if need in METRICS.get(k.use).info.needs and not has
+    ]
+    if missing:
+        return f"{k.label} needs {', '.join(missing)}; dataset {dc.label} has none"
+    return ""
+
+
+def plan(suite: Suite, *, data_root: str | None) -> list[PlannedGroup]:
+    """The cells a run would fill, the ones that cannot apply with their reasons, and the
+    passes each method costs, without reading data or training anything."""
+    out = []
+    for dc in suite.datasets:
+        try:
+            root = resolve_data_root(dc, data_root)
+            data = "synthetic" if root is None else f"real: {root}"
+            if root is not None and not Path(root).is_dir():
+                raise DataNotFound(f"data root {root} is not a directory")
+        except DataNotFound as exc:
+            data = f"missing: {exc}"
+        for mc in suite.models:
+            cells = []
+            for m in suite.methods:
+                for k in suite.metrics:
+                    reason = static_reason(suite, mc, dc, m, k)
+                    status = "not_applicable" if reason else "planned"
+                    if data.startswith("missing"):
+                        status, reason = "skipped", data
+                    cells.append(_cell(mc.label, dc.label, m.label, k.label, status, reason))
+            passes = {m.label: METHODS.get(m.use).info.cost for m in suite.methods}
+            out.append(PlannedGroup(mc.label, dc.label, data, cells, passes))
+    return out
+
+
+def format_plan(suite: Suite, groups: list[PlannedGroup]) -> str:
+    """The dry run's report: per group, its data, cell counts, reasons and method costs."""
+    lines = [
+        f"suite {suite.name} v{suite.version}: {len(suite.models)} model(s) x "
+        f"{len(suite.datasets)} dataset(s) x {len(suite.methods)} method(s) x "
+        f"{len(suite.metrics)} metric(s), {suite.eval.max_images} images per group, "
+        f"seed {suite.seed}"
+    ]
+    total = {"planned": 0, "not_applicable": 0, "skipped": 0}
+    for g in groups:
+        counts = {s: sum(c["status"] == s for c in g.cells) for s in total}
+        for s in total:
+            total[s] += counts[s]
+        lines.append(
+            f"\n{g.model} x {g.dataset} ({g.data}): {counts['planned']} cells to run, "
+            f"{counts['not_applicable']} not applicable, {counts['skipped']} skipped"
+        )
+        reasons: dict[str, int] = {}
+        for c in g.cells:
+            if c["status"] == "not_applicable":
+                reasons[c["reason"]] = reasons.get(c["reason"], 0) + 1
+        for reason, n in reasons.items():
+            lines.append(f"  not applicable ({n} cells): {reason}")
+    lines.append("\npasses per image and method (F forward, B backward):")
+    for label, cost in (groups[0].passes if groups else {}).items():
+        lines.append(f"  {label:<24} {cost}")
+    lines.append(
+        f"\ntotal: {total['planned']} cells to run, {total['not_applicable']} not applicable, "
+        f"{total['skipped']} skipped for missing data"
+    )
+    return "\n".join(lines)

@@ -9,6 +9,8 @@ Layout of ``results/<run-id>/``::
         curves.parquet       per-sample curves (list column ``values``)
         cells.parquet        status per (method, metric): ok, not_applicable, error, skipped
         model.json           the model's classification report
+        examples.npz         the first evaluation images, their masks and every method's
+                             maps (images, ids, masks, maps__<method>), for figures
     rows.parquet, curves.parquet, cells.parquet   all groups, gathered at the end
     leaderboard.md / .csv / .tex
 
@@ -28,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from benchmarks.errors import UserError
@@ -117,7 +120,13 @@ class RunStore:
             path.unlink(missing_ok=True)
 
     def has_group(self, model: str, dataset: str) -> bool:
-        return (self.groups_dir / group_key(model, dataset) / "cells.parquet").exists()
+        """The group is stored with results; one skipped for missing data is not (a rerun with
+        the data runs it)."""
+        path = self.groups_dir / group_key(model, dataset) / "cells.parquet"
+        if not path.exists():
+            return False
+        status = pd.read_parquet(path, columns=["status"])["status"]
+        return not (len(status) and (status == "skipped").all())
 
     def write_group(
         self,
@@ -128,6 +137,7 @@ class RunStore:
         curves: pd.DataFrame,
         cells: pd.DataFrame,
         report: dict[str, Any] | None,
+        examples: dict[str, Any] | None = None,
     ) -> None:
         """Write a finished group under a temporary name, then rename it into place."""
         final = self.groups_dir / group_key(model, dataset)
@@ -137,6 +147,8 @@ class RunStore:
             curves.to_parquet(tmp / "curves.parquet", index=False)
             cells.to_parquet(tmp / "cells.parquet", index=False)
             (tmp / "model.json").write_text(json.dumps(report or {}, indent=2, sort_keys=True))
+            if examples:
+                np.savez_compressed(tmp / "examples.npz", **examples)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

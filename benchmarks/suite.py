@@ -60,7 +60,18 @@ TOP_KEYS = (
     "metrics",
 )
 KINDS = ("models", "datasets", "methods", "metrics")
-MODEL_KEYS = ("layer", "checkpoint")  # model entry keys that are not builder options
+# Entry keys the pipeline reads itself, not options of the registered callable:
+#   models:   layer (target layer), checkpoint (the user's weights instead of training),
+#             train (TrainConfig overrides for this model)
+#   datasets: root (data directory), train (TrainConfig overrides for this dataset)
+#   methods, metrics: max_images (the entry sees only the first N evaluation images of each
+#             (model, dataset): for costly methods and metrics; n is reported per cell)
+ENTRY_KEYS = {
+    "models": ("layer", "checkpoint", "train"),
+    "datasets": ("root", "train"),
+    "methods": ("max_images",),
+    "metrics": ("max_images",),
+}
 # Parameters the pipeline passes itself, never options of a suite entry.
 RESERVED = {
     "methods": {"model", "x", "target", "layer"},
@@ -226,8 +237,22 @@ def _components(
         opts = dict(opts)
         use = opts.pop("use", label)
         entry = reg.get(use)  # unknown names raise with close matches
-        allowed = option_names(entry.obj, kind) + (list(MODEL_KEYS) if kind == "models" else [])
+        allowed = option_names(entry.obj, kind) + list(ENTRY_KEYS.get(kind, ()))
         _check_keys(path, f"[{kind}.{label}] (options of {reg.kind} {entry.name!r})", opts, allowed)
+        if "max_images" in opts and (
+            not isinstance(opts["max_images"], int) or opts["max_images"] < 1
+        ):
+            raise UserError(
+                f"suite file {path}: [{kind}.{label}] max_images must be an integer >= 1, "
+                f"got {opts['max_images']!r}"
+            )
+        if "train" in opts:
+            if not isinstance(opts["train"], dict):
+                raise UserError(
+                    f"suite file {path}: [{kind}.{label}] train must be a table, "
+                    f"e.g. train = {{ epochs = 12 }}; got {opts['train']!r}"
+                )
+            _config(path, f"{kind}.{label}.train", TrainConfig, opts["train"])
         out.append(Component(label=label, use=entry.name, options=opts))
     return tuple(out)
 
@@ -259,6 +284,21 @@ def load_suite(name_or_path: str) -> Suite:
         if where in str(exc):
             raise
         raise UserError(f"suite file {where}: {exc}") from None
+
+
+def builder_options(component: Component, kind: str) -> dict[str, Any]:
+    """The options a component passes to its registered callable (without its entry keys)."""
+    skip = ENTRY_KEYS.get(kind, ())
+    return {k: v for k, v in component.options.items() if k not in skip}
+
+
+def train_config(suite: Suite, model: Component, dataset: Component) -> TrainConfig:
+    """The suite's [train], overridden by the dataset entry's ``train``, then the model's."""
+    import dataclasses
+
+    return dataclasses.replace(
+        suite.train, **{**dataset.options.get("train", {}), **model.options.get("train", {})}
+    )
 
 
 def filter_suite(suite: Suite, **patterns: list[str] | None) -> Suite:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +39,9 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     flip: bool = False  # random horizontal flips as augmentation
+    shift: int = 0  # random translations by up to this many pixels (edge-replicated)
+    jitter: float = 0.0  # random brightness and contrast change, up to this fraction
+    balanced: bool = False  # weight the loss by inverse class frequency (imbalanced data)
 
 
 @dataclass
@@ -141,6 +145,33 @@ def classification_report(
     }
 
 
+def augment(x: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """The configured random flips, shifts and brightness/contrast changes of a batch, drawn
+    from ``gen`` (on the CPU, so a seed gives the same batches on every device)."""
+    n = len(x)
+    if config.flip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    if config.shift:
+        s = int(config.shift)
+        padded = torch.nn.functional.pad(x, (s, s, s, s), mode="replicate")
+        dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=gen).tolist()
+        h, w = x.shape[-2:]
+        x = torch.stack(
+            [
+                padded[i, :, a : a + h, b : b + w]
+                for i, (a, b) in enumerate(zip(dy, dx, strict=True))
+            ]
+        )
+    if config.jitter:
+        j = float(config.jitter)
+        scale = 1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * j
+        offset = (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * j * 0.5
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * scale.to(x.device) + mean + offset.to(x.device)).clamp(0, 1)
+    return x
+
+
 def train(
     model: nn.Module,
     images: torch.Tensor,
@@ -160,7 +191,11 @@ def train(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
     )
-    loss_fn = nn.CrossEntropyLoss()
+    weight = None
+    if config.balanced:
+        counts = torch.bincount(labels, minlength=int(labels.max()) + 1).float()
+        weight = (counts.sum() / (len(counts) * counts.clamp_min(1))).to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
     # disable=None: a bar on a terminal, silence in CI logs
     with tqdm(
         total=config.epochs * steps_per_epoch, desc=desc, unit="step", leave=False, disable=None
@@ -170,9 +205,7 @@ def train(
             for i in range(0, len(images), config.batch_size):
                 idx = order[i : i + config.batch_size]
                 xb, yb = images[idx].to(device), labels[idx].to(device)
-                if config.flip:
-                    flip = torch.rand(len(idx), generator=gen) < 0.5
-                    xb = torch.where(flip.to(device)[:, None, None, None], xb.flip(-1), xb)
+                xb = augment(xb, config, gen)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
@@ -181,6 +214,42 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+
+
+def _evaluate(model: nn.Module, test_set: ImageDataset, device: str) -> dict[str, Any]:
+    test_images, test_labels = stack(test_set)
+    y_pred = predict(model, test_images, device=device).numpy()
+    report = classification_report(test_labels.numpy(), y_pred, tuple(test_set.class_names))
+    report.update(split="test", n=len(y_pred))
+    return report
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, what: str) -> None:
+    """Load a state dict saved with ``torch.save(model.state_dict(), path)`` into ``model``
+    (``weights_only=True``); any failure is a UserError naming the file and what was expected.
+    A state dict without the ``normalize.*`` buffers keeps the model's own statistics."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("normalize.")]
+        if missing or unexpected:
+            raise KeyError(
+                f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            )
+    except Exception as exc:  # every failure becomes one line naming the file
+        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"{what}: checkpoint {str(path)!r} does not load ({detail}); expected a state dict "
+            "of this zoo model, saved with torch.save(model.state_dict(), path)"
+        ) from None
 
 
 def get_trained_model(
@@ -195,9 +264,34 @@ def get_trained_model(
     cache_dir: Path,
     device: str = "cpu",
     model_options: dict | None = None,
+    checkpoint: str | Path | None = None,
 ) -> TrainedModel:
-    """The trained model from the cache, or trained now and cached; in eval mode on ``device``."""
+    """The trained model from the cache, or trained now and cached; in eval mode on ``device``.
+
+    ``checkpoint``: the user's own weights for this zoo model; nothing is trained or cached,
+    the report is computed on the test split.
+    """
     model_options = model_options or {}
+
+    def fresh() -> nn.Module:  # seeded: the initial weights are part of what the seed fixes
+        torch.manual_seed(seed)
+        return build_model(
+            model_name,
+            in_channels=train_set.channels,
+            num_classes=train_set.num_classes,
+            **model_options,
+        )
+
+    model = fresh()
+    if checkpoint is not None:
+        images, _ = stack(train_set)
+        model.normalize.set_stats(images.mean(dim=(0, 2, 3)), images.std(dim=(0, 2, 3)))
+        load_checkpoint(model, checkpoint, what=f"model {model_name} on {dataset_name}")
+        model.to(device).eval()
+        report = _evaluate(model, test_set, device)
+        report.update(model=model_name, dataset=dataset_name, checkpoint=str(checkpoint))
+        return TrainedModel(model, report, Path(checkpoint))
+
     key = cache_key(
         model_name,
         dataset_name,
@@ -208,26 +302,17 @@ def get_trained_model(
     )
     stem = Path(cache_dir) / "models" / f"{model_name}--{dataset_name}--{key}"
     ckpt, report_path = stem.with_suffix(".pt"), stem.with_suffix(".report.json")
-    torch.manual_seed(seed)
-    model = build_model(
-        model_name,
-        in_channels=train_set.channels,
-        num_classes=train_set.num_classes,
-        **model_options,
-    )
     if ckpt.exists() and report_path.exists():
         try:
-            model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-        except Exception as exc:  # a corrupt cache entry is reported, never silently trusted
-            raise UserError(
-                f"cached checkpoint {ckpt} does not load ({exc}); delete it to retrain"
-            ) from None
-        return TrainedModel(model.to(device).eval(), json.loads(report_path.read_text()), ckpt)
+            load_checkpoint(model, ckpt, what=f"cached model {model_name} on {dataset_name}")
+            report = json.loads(report_path.read_text())
+            return TrainedModel(model.to(device).eval(), report, ckpt)
+        except (UserError, ValueError) as exc:  # a damaged cache entry is retrained, loudly
+            print(f"warning: {exc}; retraining", file=sys.stderr)
+            model = fresh()
 
     images, labels = stack(train_set)
-    mean = images.mean(dim=(0, 2, 3))
-    std = images.std(dim=(0, 2, 3))
-    model.normalize.set_stats(mean, std)
+    model.normalize.set_stats(images.mean(dim=(0, 2, 3)), images.std(dim=(0, 2, 3)))
     start = time.perf_counter()
     train(
         model,
@@ -239,14 +324,10 @@ def get_trained_model(
         desc=f"train {model_name} on {dataset_name}",
     )
     seconds = time.perf_counter() - start
-    test_images, test_labels = stack(test_set)
-    y_pred = predict(model, test_images, device=device).numpy()
-    report = classification_report(test_labels.numpy(), y_pred, tuple(test_set.class_names))
+    report = _evaluate(model, test_set, device)
     report.update(
         model=model_name,
         dataset=dataset_name,
-        split="test",
-        n=len(y_pred),
         train_seconds=round(seconds, 2),
         key=key,
         seed=seed,

@@ -171,6 +171,43 @@ def gradient_cams(
     return result
 
 
+class SharedPass:
+    """One batch's layer gradients, shared by every gradient CAM asked for the same layer,
+    capture point and score: the runner explains a batch with all five variants for the price
+    of one forward and one backward. ``explain(name, options)`` returns None for a method or
+    option it does not share, and the caller runs the method itself."""
+
+    SHAREABLE = {
+        "gradcam": ("point", "score"),
+        "gradcampp": ("point", "normalize_alpha"),
+        "xgradcam": ("point",),
+        "hirescam": ("point",),
+        "layercam": ("point",),
+    }
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, layer):
+        self.model, self.x, self.target, self.layer = model, x, target, layer
+        self._passes: dict[tuple[str, str], LayerGrad] = {}
+
+    def explain(self, name: str, options: dict) -> Explanation | None:
+        allowed = self.SHAREABLE.get(name)
+        if allowed is None or any(k not in allowed for k in options):
+            return None
+        key = (options.get("point", "produced"), options.get("score", "logit"))
+        if key not in self._passes:
+            self._passes[key] = layer_gradient(
+                self.model, self.x, self.target, layer=self.layer, point=key[0], score=key[1]
+            )
+        lg = self._passes[key]
+        if name == "gradcampp":
+            layer_map, extras = gradcampp_map(
+                lg, normalize_alpha=options.get("normalize_alpha", False)
+            )
+        else:
+            layer_map, extras = VARIANTS[name](lg)
+        return to_explanation(layer_map, (self.x.shape[-2], self.x.shape[-1]), extras)
+
+
 _NEEDS = ("layer",)
 _COST = "1F+1B (shared by every gradient CAM of the same layer and target)"
 

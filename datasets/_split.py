@@ -146,7 +146,7 @@ def split_dataset(
         tuple(class_names),
         masks=None if masks is None else torch.from_numpy(masks[idx]),
         name=name,
+        provenance={"dataset": name, "source": str(source), "split": record},
+        split_ids={s: [ids[i] for i in v] for s, v in parts.items()},
     )
-    ds.split_ids = {s: [ids[i] for i in v] for s, v in parts.items()}
-    ds.provenance = {"dataset": name, "source": str(source), "split": record}
     return ds

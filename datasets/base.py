@@ -51,11 +51,15 @@ DATASETS: Registry[DatasetInfo] = Registry("dataset", DatasetInfo)
 class ImageDataset(Dataset):
     """A labelled image dataset with the attributes the harness reads.
 
-    Subclasses set ``class_names``, ``channels`` and implement ``__len__``/``__getitem__``.
+    Subclasses set ``class_names``, ``channels`` and implement ``__len__``/``__getitem__``;
+    ``provenance`` (source, split method) goes to the run manifest, ``split_ids`` lists every
+    split's ids where the loader made the split itself.
     """
 
     class_names: tuple[str, ...] = ()
     channels: int = 1
+    provenance: dict[str, Any] | None = None
+    split_ids: dict[str, list[str]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -63,7 +67,15 @@ class ImageDataset(Dataset):
 
 
 class ArrayDataset(ImageDataset):
-    """An in-memory dataset: images (N, C, H, W) float32 in [0, 1], labels (N,), ids, masks."""
+    """An in-memory dataset: images (N, C, H, W) float32 in [0, 1], labels (N,), ids, masks.
+
+    extras: further per-item tensors (first dimension N) that items carry under their key,
+        e.g. synth-cxr's ``confounder`` and ``confounder_mask``; 0-d values become Python
+        scalars.
+    provenance: where the data came from and how the split was made (source, method,
+        seed, counts), recorded in the run manifest.
+    split_ids: the ids of every split, for loaders that split the data themselves.
+    """
 
     def __init__(
         self,
@@ -75,6 +87,9 @@ class ArrayDataset(ImageDataset):
         masks: torch.Tensor | None = None,
         organ_masks: torch.Tensor | None = None,
         name: str = "dataset",
+        extras: dict[str, torch.Tensor] | None = None,
+        provenance: dict[str, Any] | None = None,
+        split_ids: dict[str, list[str]] | None = None,
     ):
         n = images.shape[0]
         if n == 0:
@@ -89,6 +104,11 @@ class ArrayDataset(ImageDataset):
         self.class_names = tuple(class_names)
         self.channels = images.shape[1]
         self.name = name
+        self.extras = dict(extras or {})
+        for key, value in self.extras.items():
+            assert value.shape[0] == n, f"extra {key!r} has {value.shape[0]} rows for {n} items"
+        self.provenance = dict(provenance or {"dataset": name})
+        self.split_ids = split_ids
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -103,6 +123,8 @@ class ArrayDataset(ImageDataset):
             item["mask"] = self.masks[i]
         if self.organ_masks is not None:
             item["organ_mask"] = self.organ_masks[i]
+        for key, value in self.extras.items():
+            item[key] = value[i].item() if value.dim() == 1 else value[i]
         return item
 
 

@@ -184,8 +184,8 @@ def load_npz(
         [f"{split}_{i}" for i in range(len(labels))],
         names,
         name=name,
+        provenance={"dataset": name, "source": str(path), "split": {"method": "file"}},
     )
-    ds.provenance = {"dataset": name, "source": str(path), "split": {"method": "file"}}
     return ds
 
 

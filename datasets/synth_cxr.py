@@ -25,8 +25,8 @@ earlier items, and each item's background, lesion and marker come from separate 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -234,23 +234,6 @@ def render(
     return CxrItem(image.astype(np.float32), lesion.mask, lungs.mask, marker.mask, present)
 
 
-class ConfounderDataset(ArrayDataset):
-    """An :class:`ArrayDataset` whose items also carry ``confounder`` and ``confounder_mask``."""
-
-    def __init__(
-        self, *args: Any, confounders: torch.Tensor, confounder_masks: torch.Tensor, **kwargs: Any
-    ):
-        super().__init__(*args, **kwargs)
-        self.confounders = confounders.bool()
-        self.confounder_masks = confounder_masks.bool()
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = super().__getitem__(i)
-        item["confounder"] = bool(self.confounders[i])
-        item["confounder_mask"] = self.confounder_masks[i]
-        return item
-
-
 def _rate(name: str, value: float) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise UserError(f"{NAME}: {name} must be a probability in [0, 1], got {value!r}")
@@ -270,7 +253,7 @@ def synth_cxr(
     n_opacities: int = 2,
     confounder_rate: float = 0.0,
     confounder_negative_rate: float = 0.0,
-) -> ConfounderDataset:
+) -> ArrayDataset:
     """Chest-radiograph phantoms; positives carry opacities in the lungs (exact masks)."""
     size, count = check_common(
         NAME,
@@ -292,14 +275,22 @@ def synth_cxr(
         _rate("confounder_negative_rate", confounder_negative_rate),
     )
     items = [render(options, seed, split, i) for i in range(count)]
-    return ConfounderDataset(
+    return ArrayDataset(
         torch.from_numpy(np.stack([it.image for it in items]))[:, None],
         torch.arange(count) % 2,
         [f"{NAME}/{split}/{i}" for i in range(count)],
         CLASS_NAMES,
         masks=torch.from_numpy(np.stack([it.mask for it in items])),
         organ_masks=torch.from_numpy(np.stack([it.organ_mask for it in items])),
-        confounders=torch.tensor([it.confounder for it in items]),
-        confounder_masks=torch.from_numpy(np.stack([it.confounder_mask for it in items])),
         name=NAME,
+        extras={
+            "confounder": torch.tensor([it.confounder for it in items]),
+            "confounder_mask": torch.from_numpy(np.stack([it.confounder_mask for it in items])),
+        },
+        provenance={
+            "dataset": NAME,
+            "source": "generated",
+            "seed": seed,
+            "options": asdict(options),
+        },
     )

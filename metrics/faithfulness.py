@@ -1,7 +1,9 @@
 """Perturbation-curve faithfulness: AOPC over MoRF and LeRF curves, and ABPC (Samek et al.
 2017; Schulz et al. 2020).
 
-The image is cut into square regions of ``region`` pixels on a grid (edge regions are
+The image is cut into square regions of ``region`` pixels (or, with ``reference_size``,
+``region`` pixels of an image that size scaled to this one: the X-ray study's 34x34
+regions at 224 px are ``region = 34, reference_size = 224``) on a grid (edge regions are
 cut short where the size does not divide the image); a region's relevance is the sum of
 the map over it. MoRF perturbs regions in decreasing relevance, LeRF in increasing. Step k
 of the curve is the image with its first k regions perturbed: the perturbation function
@@ -90,11 +92,22 @@ def _only_correct(ctx: MetricContext, values: np.ndarray) -> np.ndarray:
     return np.where(wrong, np.nan, values)
 
 
+def scaled_region(region: int, reference_size: int | None, image_size: int) -> int:
+    """``region`` pixels of an image of ``reference_size`` pixels, scaled to ``image_size``
+    (34 at 224 px is 4 at 28 px and 10 at 64 px); ``region`` itself if no reference."""
+    if reference_size is None:
+        return region
+    if reference_size < 1:
+        raise UserError(f"reference_size must be a positive image size, got {reference_size!r}")
+    return max(1, round(region * image_size / reference_size))
+
+
 def _aopc_metric(order: Order):
     def metric(
         ctx: MetricContext,
         *,
         region: int = 8,
+        reference_size: int | None = None,
         steps: int | None = None,
         perturbation: str = "gaussian",
         perturbation_options: dict | None = None,
@@ -104,7 +117,7 @@ def _aopc_metric(order: Order):
         curve = perturbation_curve(
             ctx,
             order=order,
-            region=region,
+            region=scaled_region(region, reference_size, min(ctx.x.shape[-2:])),
             steps=steps,
             perturbation=perturbation,
             perturbation_options=perturbation_options,
@@ -134,6 +147,7 @@ def abpc(
     ctx: MetricContext,
     *,
     region: int = 8,
+    reference_size: int | None = None,
     steps: int | None = None,
     perturbation: str = "gaussian",
     perturbation_options: dict | None = None,
@@ -142,7 +156,7 @@ def abpc(
 ) -> Scores:
     """ABPC: area between the LeRF and MoRF curves, 1/(L+1) sum_k [f(x_lerf^k) - f(x_morf^k)]."""
     opts = dict(
-        region=region,
+        region=scaled_region(region, reference_size, min(ctx.x.shape[-2:])),
         steps=steps,
         perturbation=perturbation,
         perturbation_options=perturbation_options,

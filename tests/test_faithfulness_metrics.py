@@ -485,3 +485,11 @@ def test_forward_batch_size_does_not_change_the_result(metric, options):
         for name, curve in ref.curves.items():
             np.testing.assert_allclose(got.curves[name], curve, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.values["value"], ref.values["value"], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_size_scales_the_region_as_the_xray_protocol_says():
+    """34x34 regions at 224 px: 34 * 28 / 224 = 4.25 -> 4 px at 28 px, 9.7 -> 10 px at 64."""
+    from metrics.faithfulness import scaled_region
+
+    assert scaled_region(34, 224, 28) == 4 and scaled_region(34, 224, 64) == 10
+    assert scaled_region(34, None, 64) == 34 and scaled_region(34, 224, 2) == 1

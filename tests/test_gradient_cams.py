@@ -396,3 +396,24 @@ def test_bilinear_upsampling_is_captums(models, x):
         out.layer_maps[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False
     )[:, 0]
     torch.testing.assert_close(out.maps, want, rtol=0, atol=0)
+
+
+def test_shared_pass_gives_each_method_its_maps_from_one_pass(models, x):
+    """What the runner does: five gradient CAMs of one batch from one forward + backward,
+    each equal to the method called alone."""
+    from cams import METHODS
+    from cams.gradient_cams import SharedPass
+    from metrics.cost import PassCounter
+
+    model = models["resnet18"]
+    target = torch.tensor([0, 1, 2, 3])
+    shared = SharedPass(model, x, target, layer="layer4")
+    options = {"gradcampp": {"normalize_alpha": True}, "gradcam": {"score": "logit"}}
+    with PassCounter(model) as count:
+        got = {name: shared.explain(name, options.get(name, {})) for name in SharedPass.SHAREABLE}
+    assert count.forwards == len(x) and count.backwards == len(x)
+    for name, explanation in got.items():
+        alone = METHODS.get(name).obj(model, x, target, layer="layer4", **options.get(name, {}))
+        torch.testing.assert_close(explanation.maps, alone.maps, rtol=0, atol=0)
+    assert shared.explain("gradcam", {"unknown_option": 1}) is None  # not shared: run alone
+    assert shared.explain("scorecam", {}) is None

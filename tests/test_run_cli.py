@@ -187,3 +187,69 @@ def test_list(what, capsys):
         "suites": "smoke",
     }
     assert expected[what] in out
+
+
+def test_max_images_caps_an_entry_and_shared_pass_matches_alone(tmp_path, cache):
+    """A method capped at 5 images is scored on the first 5 of the draw only; the gradient
+    CAMs of the runner's shared pass equal the methods run alone (a capped copy)."""
+    body = SMALL + (
+        "[models.gapcnn]\n[methods.gradcam]\n[methods.layercam]\n"
+        '[methods.gradcam-alone]\nuse = "gradcam"\nmax_images = 5\n'
+        '[metrics.sparse-capped]\nuse = "sparseness"\nmax_images = 3\n'
+    )
+    out = tmp_path / "run"
+    suite = write_suite(tmp_path / "cap.toml", body)
+    assert main(["--suite", suite, "--out", str(out), "--cache", cache, "--no-progress"]) == 0
+    cells = pd.read_parquet(out / "cells.parquet").set_index(["method", "metric"])
+    assert cells.loc[("gradcam", "aopc_morf"), "n"] == 16
+    assert cells.loc[("gradcam-alone", "aopc_morf"), "n"] == 5
+    assert cells.loc[("gradcam", "sparse-capped"), "n"] == 3
+    assert cells.loc[("gradcam-alone", "sparse-capped"), "n"] == 3
+    rows = pd.read_parquet(out / "rows.parquet")
+    rows = rows[(rows.metric == "aopc_morf") & (rows.output == "value")]
+    shared = rows[rows.method == "gradcam"].set_index("sample_id")["value"]
+    alone = rows[rows.method == "gradcam-alone"].set_index("sample_id")["value"]
+    assert list(alone.index) == list(shared.index[:5])
+    pd.testing.assert_series_equal(alone, shared.loc[alone.index])
+
+
+def test_dry_run_plans_without_running(tmp_path, capsys):
+    body = SMALL + "[models.gapcnn]\n[models.test-flat-head]\n[methods.cam]\n[methods.gradcam]\n"
+    body += "[metrics.pointing_game]\n"
+    suite = write_suite(tmp_path / "plan.toml", body)
+    out = tmp_path / "run"
+    assert main(["--suite", suite, "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "test-flat-head x synth-lesion (synthetic): 2 cells to run, 2 not applicable" in text
+    assert "cam needs a GAP + linear head" in text and "1F+1B" in text
+    assert not out.exists()
+
+
+def test_missing_real_data_is_skipped_and_named_or_an_error_with_strict(tmp_path, cache, capsys):
+    body = SMALL + '[models.gapcnn]\n[methods.gradcam]\n[datasets.busi]\nimage_size = 32\n'
+    suite = write_suite(tmp_path / "real.toml", body)
+    out = tmp_path / "run"
+    args = ["--suite", suite, "--out", str(out), "--cache", cache, "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "busi" in err and "--data-root" in err
+    board = (out / "leaderboard.md").read_text()
+    assert "dataset busi skipped" in board and "--data-root" in board
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "busi" in manifest["skipped_datasets"]
+    assert main([*args, "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --strict: dataset busi") and err.count("\n") == 1
+
+
+def test_per_entry_train_overrides_change_the_model(tmp_path, cache):
+    from benchmarks.suite import load_suite, train_config
+
+    body = SMALL + "[models.gapcnn]\ntrain = { lr = 0.01 }\n"
+    body = body.replace("n = 64\n", "n = 64\ntrain = { epochs = 2, lr = 0.5 }\n")
+    suite = load_suite(write_suite(tmp_path / "t.toml", body))
+    config = train_config(suite, suite.models[0], suite.datasets[0])
+    assert (config.epochs, config.lr) == (2, 0.01)  # the model's entry wins over the dataset's
+    bad = body.replace("lr = 0.01", "learning_rate = 0.01")
+    with pytest.raises(Exception, match="learning_rate"):
+        load_suite(write_suite(tmp_path / "bad.toml", bad))

@@ -340,7 +340,7 @@ def test_histo_clusters_are_separate_instances(clusters):
 def test_confounder_absent_by_default():
     ds = make("synth-cxr", n=40)
     assert not any(ds[i]["confounder"] for i in range(40))
-    assert not ds.confounder_masks.any()
+    assert not ds.extras["confounder_mask"].any()
 
 
 def test_confounder_rates_and_exact_marker_mask():
@@ -348,20 +348,20 @@ def test_confounder_rates_and_exact_marker_mask():
     ds = make(
         "synth-cxr", "train", n=n, confounder_rate=rate, confounder_negative_rate=negative_rate
     )
-    present = ds.confounders.numpy()
+    present = ds.extras["confounder"].numpy()
     labels = ds.labels.numpy()
     for p, lab in ((rate, 1), (negative_rate, 0)):
         k, m = present[labels == lab].sum(), (labels == lab).sum()
         assert abs(k - p * m) <= 4 * math.sqrt(m * p * (1 - p)), (lab, k, m)
-    areas = ds.confounder_masks.flatten(1).sum(1).numpy()
+    areas = ds.extras["confounder_mask"].flatten(1).sum(1).numpy()
     assert (areas[present] > 0).all() and (areas[~present] == 0).all()
-    assert not (ds.confounder_masks & (ds.organ_masks | ds.masks)).any()
+    assert not (ds.extras["confounder_mask"] & (ds.organ_masks | ds.masks)).any()
     options = cxr.CxrOptions(confounder_rate=rate, confounder_negative_rate=negative_rate)
     for i in np.flatnonzero(present)[:12]:
         item = cxr.render(options, 0, "train", int(i))
         bare = cxr.render(options, 0, "train", int(i), draw_confounder=False)
         np.testing.assert_array_equal(item.image != bare.image, item.confounder_mask)
-        np.testing.assert_array_equal(item.confounder_mask, ds.confounder_masks[i].numpy())
+        np.testing.assert_array_equal(item.confounder_mask, ds.extras["confounder_mask"][i].numpy())
         assert item.image[item.confounder_mask].mean() > item.image[~item.confounder_mask].mean()
 
 

@@ -69,3 +69,65 @@ def test_classification_report_matches_sklearn():
         )
     empty = classification_report(np.array([0, 0]), np.array([0, 0]), ("a", "b"))
     assert empty["classes"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_user_checkpoint_is_loaded_not_trained(tmp_path):
+    trained = train(tmp_path, cache="a")
+    path = tmp_path / "mine.pt"
+    torch.save(trained.model.state_dict(), path)
+    tr, te = data()
+    mine = get_trained_model(
+        "gapcnn",
+        "synth-lesion",
+        train_set=tr,
+        test_set=te,
+        dataset_options={"n": 64},
+        config=CFG,
+        cache_dir=tmp_path / "b",
+        checkpoint=path,
+    )
+    for k, v in trained.model.state_dict().items():
+        assert torch.equal(mine.model.state_dict()[k], v), k
+    assert mine.report["accuracy"] == trained.report["accuracy"]
+    assert not (tmp_path / "b").exists()  # nothing trained, nothing cached
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"not a checkpoint", "does not load"),
+        (None, "does not exist"),
+        ({"features.0.weight": torch.zeros(1)}, "does not load"),
+    ],
+)
+def test_bad_user_checkpoint_is_one_clear_error(tmp_path, content, needle):
+    from benchmarks.errors import UserError
+
+    path = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    tr, te = data()
+    with pytest.raises(UserError, match=needle) as err:
+        get_trained_model(
+            "gapcnn",
+            "synth-lesion",
+            train_set=tr,
+            test_set=te,
+            dataset_options={},
+            cache_dir=tmp_path / "c",
+            checkpoint=path,
+        )
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "c").exists()
+
+
+def test_damaged_cache_entry_is_retrained(tmp_path, capsys):
+    first = train(tmp_path, cache="a")
+    reference = {k: v.clone() for k, v in first.model.state_dict().items()}
+    first.checkpoint.write_bytes(b"truncated")
+    again = train(tmp_path, cache="a")
+    assert "retraining" in capsys.readouterr().err
+    for k, v in reference.items():
+        assert torch.equal(again.model.state_dict()[k], v), k
