@@ -109,6 +109,14 @@ class Registry(Generic[InfoT]):
             self._aliases[key] = name
         return entry
 
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (or the entry an alias names) and its aliases; for tests and
+        plugins that register an entry for a while."""
+        canonical = self._aliases[name] if name in self._aliases else name
+        entry = self._entries.pop(canonical)
+        for key in (canonical, *entry.aliases):
+            self._aliases.pop(key, None)
+
     def get(self, name: str) -> Entry[InfoT]:
         """The entry for ``name`` or an alias; unknown names raise with the close matches."""
         try:

@@ -65,3 +65,10 @@ def test_wildcards_exclusions_and_natural_sort(reg):
         reg.names("zzz*")
     with pytest.raises(UnknownNameError, match="Did you mean"):
         reg.names(["gradcam", "randm"])
+
+
+def test_remove_drops_the_entry_and_its_aliases(reg):
+    reg.remove("gradcam-alias")
+    assert "gradcam" not in reg and "gradcam-alias" not in reg
+    assert "gradcampp" in reg
+    reg.add("gradcam", lambda: None)  # the name is free again

@@ -1,0 +1,254 @@
+"""Paper figures from a run folder: every figure is written as a valid PDF and PNG from a
+small synthetic run folder; the running AOPC and the Pareto front match hand computations;
+absent inputs skip their figures with a note and leave the others."""
+
+import doctest
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import benchmarks.figures as figures
+from benchmarks.errors import UserError
+from benchmarks.figures import (
+    RunFolder,
+    fig_cam_equivalence,
+    main,
+    make_figures,
+    mean_band,
+    pareto_front,
+    running_aopc,
+)
+from benchmarks.leaderboard import aggregate, to_csv
+from benchmarks.store import CELL_COLUMNS
+
+pytestmark = pytest.mark.harness
+
+MODEL, DATASET = "gapcnn", "synth-lesion"
+METHODS = {"cam": "cam", "grad": "gradcam"}  # label -> registry name, as in a suite
+METRICS = {
+    "aopc_morf": {"use": "aopc_morf", "region": 4},
+    "time": {"use": "time"},
+    "randomization": {"use": "model_randomization"},
+    "stab": {"use": "stability"},
+}
+DIRECTIONS = {"aopc_morf": True, "time": False, "randomization": False, "stab": True}
+N, STEPS, CASCADE = 6, 4, 3
+PDF, PNG = b"%PDF-", b"\x89PNG\r\n\x1a\n"
+
+EXPECTED = [
+    f"heatmaps--{MODEL}--{DATASET}",
+    f"morf--{MODEL}--{DATASET}--aopc_morf",
+    f"sanity--{MODEL}--{DATASET}--randomization",
+    f"ranks--{MODEL}--{DATASET}",
+    f"pareto--{MODEL}--{DATASET}--aopc_morf--time",
+    f"robustness--{MODEL}--{DATASET}",
+    f"cam-equivalence--{MODEL}--{DATASET}",
+]
+
+
+def write_run(root, *, examples=True, curves=True):
+    """A run folder as benchmarks.run lays it out, with made-up numbers."""
+    rng = np.random.default_rng(0)
+    ids = [f"{DATASET}/test/{i}" for i in range(N)]
+    base = dict(model=MODEL, dataset=DATASET, label=0, target=0, correct=True)
+    rows, curve_rows = [], []
+    for m_i, method in enumerate(METHODS):
+        for i, sid in enumerate(ids):
+            morf = 2.0 - (1.0 + m_i) * np.arange(STEPS + 1) * 0.3 + rng.normal(0, 0.05, STEPS + 1)
+            rho = np.linspace(0.9, 0.2 + 0.3 * m_i, CASCADE) + rng.normal(0, 0.02, CASCADE)
+            values = {
+                ("aopc_morf", "value"): float(running_aopc(morf)[0, -1]),
+                ("time", "value"): 0.01 * (1 + 3 * m_i) * (1 + 0.1 * i),
+                ("time", "pass_ratio"): 1.2,
+                ("randomization", "value"): float(rho[-1]),
+                ("randomization", "ssim"): float(rho[-1] / 2),
+                ("stab", "value"): 0.5 + 0.1 * m_i + 0.01 * i,
+            }
+            for (metric, output), value in values.items():
+                rows.append(
+                    dict(
+                        base,
+                        method=method,
+                        metric=metric,
+                        output=output,
+                        sample_id=sid,
+                        value=value,
+                    )
+                )
+            for metric, curve, vals in (
+                ("aopc_morf", "morf", morf),
+                ("randomization", "spearman", rho),
+                ("randomization", "ssim", rho / 2),
+            ):
+                curve_rows.append(
+                    dict(
+                        model=MODEL,
+                        dataset=DATASET,
+                        method=method,
+                        metric=metric,
+                        curve=curve,
+                        sample_id=sid,
+                        values=[float(v) for v in vals],
+                    )
+                )
+    rows = pd.DataFrame(rows)
+    cells = pd.DataFrame(
+        [
+            dict(
+                model=MODEL,
+                dataset=DATASET,
+                method=m,
+                metric=k,
+                status="ok",
+                reason="",
+                n=N,
+                n_excluded=0,
+            )
+            for m in METHODS
+            for k in METRICS
+        ],
+        columns=CELL_COLUMNS,
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    rows.to_parquet(root / "rows.parquet", index=False)
+    cells.to_parquet(root / "cells.parquet", index=False)
+    if curves:
+        pd.DataFrame(curve_rows).to_parquet(root / "curves.parquet", index=False)
+    (root / "leaderboard.csv").write_text(to_csv(aggregate(rows, cells, DIRECTIONS)))
+    suite = {
+        "name": "tiny",
+        "models": {MODEL: {"use": "gapcnn"}},
+        "datasets": {DATASET: {"use": "synth-lesion"}},
+        "methods": {label: {"use": use} for label, use in METHODS.items()},
+        "metrics": METRICS,
+    }
+    (root / "manifest.json").write_text(json.dumps({"suite": suite}))
+    if examples:
+        k, h = 2, 8
+        cam = rng.random((k, h, h)).astype(np.float32)
+        masks = np.zeros((k, h, h), dtype=bool)
+        masks[:, 2:5, 3:6] = True
+        group = root / "groups" / f"{MODEL}--{DATASET}"
+        group.mkdir(parents=True)
+        np.savez(
+            group / "examples.npz",
+            images=rng.random((k, 3, h, h)).astype(np.float32),
+            ids=np.array(ids[:k]),
+            masks=masks,
+            **{"maps__cam": cam, "maps__grad": 2.0 * cam + 0.1},
+        )
+    return root
+
+
+def no_pyplot_figures():
+    from matplotlib._pylab_helpers import Gcf
+
+    return not Gcf.get_all_fig_managers()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    root = write_run(tmp_path_factory.mktemp("run") / "run")
+    return root, make_figures(root)
+
+
+def test_every_figure_is_written_as_pdf_and_png(full_run):
+    root, written = full_run
+    out = root / "figures"
+    expected = {out / f"{stem}.{ext}" for stem in EXPECTED for ext in ("pdf", "png")}
+    assert set(written) == expected
+    assert {p for p in out.iterdir()} == expected  # no temporary files left
+    for path in expected:
+        magic = PDF if path.suffix == ".pdf" else PNG
+        assert path.read_bytes()[: len(magic)] == magic, path
+    assert no_pyplot_figures()
+
+
+def test_running_aopc_of_a_linear_curve_is_half_the_slope_times_k():
+    # f(x^(j)) = f0 - c j: the drops are c j, so the running AOPC is c k (k+1)/2 / (k+1) = c k/2
+    c, f0, steps = 0.7, 3.0, 9
+    curve = f0 - c * np.arange(steps + 1)
+    k = np.arange(steps + 1)
+    np.testing.assert_allclose(running_aopc(curve[None])[0], c * k / 2)
+
+
+def test_running_aopc_ends_at_the_aopc_of_the_whole_curve():
+    # AOPC = 1/(L+1) sum_{k=1..L} [f(x0) - f(xk)] (metrics/faithfulness.py), per image
+    curves = np.array([[4.0, 1.0, 2.0, -1.0], [1.0, 1.0, 0.0, 3.0]])
+    aopc = [(3 + 2 + 5) / 4, (0 + 1 - 2) / 4]
+    out = running_aopc(curves)
+    np.testing.assert_allclose(out[:, -1], aopc)
+    np.testing.assert_allclose(out[:, 1], [3 / 2, 0.0])
+    np.testing.assert_allclose(out[:, 0], 0.0)
+
+
+def test_mean_band_is_mean_plus_minus_1_96_standard_errors():
+    mean, lo, hi = mean_band(np.array([[1.0, 2.0], [3.0, 4.0]]))
+    # sd (ddof=1) is sqrt(2) in each column, so SE = sqrt(2) / sqrt(2) = 1
+    np.testing.assert_allclose(mean, [2.0, 3.0])
+    np.testing.assert_allclose(hi - mean, [1.959963984540054] * 2)
+    np.testing.assert_allclose(mean - lo, [1.959963984540054] * 2)
+
+
+def test_pareto_front_of_hand_made_points():
+    #         A    B    C    D    E    F    G       (cost, benefit)
+    cost = [1.0, 2.0, 3.0, 2.5, 4.0, 2.0, np.nan]
+    benefit = [1.0, 3.0, 2.0, 3.0, 5.0, 3.0, 9.0]
+    # C is beaten by B on both; D ties B's benefit at a higher cost; B and F are equal, so
+    # neither dominates the other; G has no cost and is left out. Ordered by cost.
+    assert pareto_front(cost, benefit).tolist() == [0, 1, 5, 4]
+    assert pareto_front([1.0], [1.0]).tolist() == [0]
+    assert pareto_front([], []).tolist() == []
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(figures)
+    assert result.attempted >= 2 and result.failed == 0
+
+
+def test_cam_equivalence_title_gives_pearson_r(tmp_path):
+    root = write_run(tmp_path / "run", curves=False)
+    run = RunFolder.load(root)
+    # maps__grad = 2 * cam + 0.1: equal after min-max per map, so r = 1
+    assert fig_cam_equivalence(run, MODEL, DATASET).axes[0].get_title().endswith("r = 1.0000")
+    # a reversed map: min-max gives 1 - a, so r = -1
+    path = root / "groups" / f"{MODEL}--{DATASET}" / "examples.npz"
+    data = dict(np.load(path))
+    data["maps__grad"] = -data["maps__cam"]
+    np.savez(path, **data)
+    assert fig_cam_equivalence(run, MODEL, DATASET).axes[0].get_title().endswith("r = -1.0000")
+
+
+def test_absent_examples_and_curves_skip_their_figures_with_a_note(tmp_path, capsys):
+    root = write_run(tmp_path / "run", examples=False, curves=False)
+    out = tmp_path / "figs"
+    assert main([str(root), "--out", str(out), "--formats", "png"]) == 0
+    err = capsys.readouterr().err
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(
+        f"{stem}.png"
+        for stem in EXPECTED
+        if not stem.startswith(("heatmaps", "cam-equivalence", "morf", "sanity"))
+    )
+    notes = [line for line in err.splitlines() if "skipped" in line]
+    assert any("heatmaps" in line and "examples.npz" in line for line in notes)
+    assert any("cam-equivalence" in line and "examples.npz" in line for line in notes)
+    assert any("curves.parquet" in line for line in notes)
+    assert "Traceback" not in err
+    assert no_pyplot_figures()
+
+
+def test_missing_run_folder_exits_2_with_one_line(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "nowhere" in err
+
+
+def test_folder_without_results_and_unknown_format_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no results"):
+        make_figures(tmp_path)
+    with pytest.raises(UserError, match="unknown figure format"):
+        make_figures(tmp_path, formats=["pdf", "docx"])
