@@ -187,8 +187,10 @@ def to_markdown(
     title: str,
     reports: dict[str, dict] | None = None,
     notes: list[str] = (),
+    compare_metric: str | None = None,
 ) -> str:
-    """Per (dataset, model): methods x metrics with mean [95% CI], n and rank; then mean rank."""
+    """Per (dataset, model): methods x metrics with mean [95% CI], n and rank; then mean rank;
+    then, with ``compare_metric``, the models' accuracy, recall and F1 beside that metric."""
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes]
     if notes:
@@ -219,12 +221,60 @@ def to_markdown(
         lines += ["## Overall mean rank", "", "| method | mean rank |", "|---|---|"]
         lines += [f"| {r.method} | {r.mean_rank:.2f} |" for r in overall.itertuples()]
         lines.append("")
+    if compare_metric:
+        lines += model_comparison(table, reports, compare_metric)
     if footnotes:
         lines += ["## Notes", ""]
         lines += [f"[{i}] {text}" for text, i in footnotes.items()]
         lines.append("")
     lines.append(CELL_LEGEND)
     return "\n".join(lines) + "\n"
+
+
+def model_comparison(
+    table: pd.DataFrame, reports: dict[str, dict] | None, metric: str
+) -> list[str]:
+    """Markdown: per dataset, each model's test accuracy, macro recall and macro F1 beside
+    its mean ``metric`` per method (the X-ray study's model comparison)."""
+    if not reports:
+        return []
+    sub = table[(table["metric"] == metric) & (table["status"] == "ok")]
+    methods = list(dict.fromkeys(sub["method"]))
+    lines = [f"## Models: accuracy, recall and F1 beside {metric}", ""]
+    for dataset in sorted(set(table["dataset"])):
+        rows = []
+        for key, rep in sorted(reports.items()):
+            model, _, ds = key.partition("--")
+            if ds != dataset or "accuracy" not in rep:
+                continue
+            classes = rep.get("classes", {}).values()
+            recall = np.mean([c["recall"] for c in classes]) if classes else 0.0
+            f1 = np.mean([c["f1"] for c in classes]) if classes else 0.0
+            cells = []
+            for method in methods:
+                hit = sub[
+                    (sub["dataset"] == dataset)
+                    & (sub["model"] == model)
+                    & (sub["method"] == method)
+                ]
+                cells.append(_fmt(hit["mean"].iloc[0]) if len(hit) else "n/a")
+            rows.append(
+                f"| {model} | {rep['accuracy']:.3f} | {recall:.3f} | {f1:.3f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        if rows:
+            lines += [
+                f"### {dataset}",
+                "",
+                "| model | accuracy | macro recall | macro F1 | "
+                + " | ".join(f"{metric}: {m}" for m in methods)
+                + " |",
+                "|---" * (4 + len(methods)) + "|",
+                *rows,
+                "",
+            ]
+    return lines if len(lines) > 2 else []
 
 
 _TEX = str.maketrans(

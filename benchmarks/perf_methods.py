@@ -496,6 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
+        "--heavy-images",
+        type=int,
+        default=None,
+        help="masked images per repeat for Score-CAM and occlusion rows (default: 4096, quick 512)",
+    )
+    parser.add_argument(
+        "--heavy-repeats", type=int, default=None, help="repeats of those rows (default: 3)"
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
     args = parser.parse_args(argv)
@@ -508,6 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         parser.exit(2, f"error: {exc}\n")
     budget = QUICK if args.quick else FULL
+    if args.heavy_images is not None or args.heavy_repeats is not None:
+        import dataclasses
+
+        budget = dataclasses.replace(
+            budget,
+            heavy_images=args.heavy_images or budget.heavy_images,
+            heavy_repeats=args.heavy_repeats or budget.heavy_repeats,
+        )
     settings = [Setting("resnet18", 96, 32)]
     if not args.quick:
         settings += [

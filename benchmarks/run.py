@@ -6,6 +6,7 @@ Examples::
     python -m benchmarks.run --suite medical --data-root ../shared/data
     python -m benchmarks.run --suite smoke --methods 'grad*' --metrics aopc_morf
     python -m benchmarks.run --suite medical --dry-run
+    python -m benchmarks.run --suite medical --data-root ../shared/data --executor ray
     python -m benchmarks.run --suite medical --data-root ../shared/data --strict
     python -m benchmarks.run --list methods
 
@@ -16,6 +17,7 @@ failed (its error is in the results), 2 for bad input (the message says what and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import platform
@@ -25,8 +27,9 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks.errors import UserError
+from benchmarks.executors import EXECUTORS, run_groups
 from benchmarks.leaderboard import aggregate, to_csv, to_latex, to_markdown
-from benchmarks.runner import check_device, format_plan, group_specs, log, plan, run_group
+from benchmarks.runner import check_device, format_plan, group_specs, log, plan
 from benchmarks.store import RunStore, atomic_write_parquet, atomic_write_text
 from benchmarks.suite import available_suites, filter_suite, load_suite, registries
 
@@ -111,6 +114,16 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--executor",
+        default="local",
+        choices=EXECUTORS,
+        help="run the (model, dataset) groups here, or as Ray tasks (default: local)",
+    )
+    p.add_argument(
+        "--ray-address", help="address of an existing Ray cluster (default: a local Ray)"
+    )
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray the harness starts")
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="print the plan (cells, not-applicable ones with reasons, passes) and exit",
@@ -173,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
             "platform": platform.platform(),
             "device": device,
             "data_root": args.data_root,
+            "executor": args.executor,
+            "ray_address": args.ray_address,
             "started": started,
             "status": "running",
             "groups": {},
@@ -186,27 +201,36 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         skipped: dict[str, str] = {}
-        for i, spec in enumerate(specs, 1):
+        todo = []
+        for spec in specs:
             key = f"{spec.model.label}--{spec.dataset.label}"
             if store.has_group(spec.model.label, spec.dataset.label):
-                log(f"[{i}/{len(specs)}] {key}: already stored, skipped")
+                log(f"{key}: already stored, skipped")
                 manifest["groups"][key] = "stored earlier"
-                continue
-            log(f"[{i}/{len(specs)}] {key}")
-            result = run_group(spec)
-            if result.skipped:
-                skipped[spec.dataset.label] = result.skipped
-                log(f"  skipped: {result.skipped}")
-            store.write_group(
-                spec.model.label,
-                spec.dataset.label,
-                rows=result.rows,
-                curves=result.curves,
-                cells=result.cells,
-                report=result.report,
-                examples=result.examples,
-            )
-            manifest["groups"][key] = "skipped" if result.skipped else "done"
+            else:
+                todo.append(spec)
+        log(f"{len(todo)} group(s) to run on the {args.executor} executor")
+        groups = run_groups(
+            todo, executor=args.executor, ray_address=args.ray_address, num_cpus=args.num_cpus
+        )
+        # closing: an interrupt or error cancels running tasks (and stops a Ray we started)
+        with contextlib.closing(groups):
+            for i, (spec, result) in enumerate(groups, 1):
+                key = f"{spec.model.label}--{spec.dataset.label}"
+                log(f"[{i}/{len(todo)}] {key} done")
+                if result.skipped:
+                    skipped[spec.dataset.label] = result.skipped
+                    log(f"  skipped: {result.skipped}")
+                store.write_group(
+                    spec.model.label,
+                    spec.dataset.label,
+                    rows=result.rows,
+                    curves=result.curves,
+                    cells=result.cells,
+                    report=result.report,
+                    examples=result.examples,
+                )
+                manifest["groups"][key] = "skipped" if result.skipped else "done"
 
         rows, cells, curves = store.read("rows"), store.read("cells"), store.read("curves")
         regs = registries()
@@ -222,13 +246,24 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_parquet(run_dir / "cells.parquet", cells)
         atomic_write_parquet(run_dir / "curves.parquet", curves)
         atomic_write_text(run_dir / "leaderboard.csv", to_csv(table))
-        for suffix, render in ((".md", to_markdown), (".tex", to_latex)):
-            atomic_write_text(
-                run_dir / f"leaderboard{suffix}",
-                render(
-                    table, title=f"Leaderboard: {suite.name}", reports=store.reports(), notes=notes
-                ),
-            )
+        title = f"Leaderboard: {suite.name}"
+        # the model comparison of the X-ray study: accuracy, recall, F1 beside AOPC
+        aopc = [c.label for c in suite.metrics if c.use == "aopc_morf"]
+        compare = next((c.label for c in suite.metrics if c.options.get("correct_only")), None)
+        atomic_write_text(
+            run_dir / "leaderboard.md",
+            to_markdown(
+                table,
+                title=title,
+                reports=store.reports(),
+                notes=notes,
+                compare_metric=compare or (aopc[0] if aopc else None),
+            ),
+        )
+        atomic_write_text(
+            run_dir / "leaderboard.tex",
+            to_latex(table, title=title, reports=store.reports(), notes=notes),
+        )
         errors = cells[cells["status"] == "error"]
         manifest.update(
             finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -226,7 +226,7 @@ def test_dry_run_plans_without_running(tmp_path, capsys):
 
 
 def test_missing_real_data_is_skipped_and_named_or_an_error_with_strict(tmp_path, cache, capsys):
-    body = SMALL + '[models.gapcnn]\n[methods.gradcam]\n[datasets.busi]\nimage_size = 32\n'
+    body = SMALL + "[models.gapcnn]\n[methods.gradcam]\n[datasets.busi]\nimage_size = 32\n"
     suite = write_suite(tmp_path / "real.toml", body)
     out = tmp_path / "run"
     args = ["--suite", suite, "--out", str(out), "--cache", cache, "--no-progress"]
