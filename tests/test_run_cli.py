@@ -253,3 +253,39 @@ def test_per_entry_train_overrides_change_the_model(tmp_path, cache):
     bad = body.replace("lr = 0.01", "learning_rate = 0.01")
     with pytest.raises(Exception, match="learning_rate"):
         load_suite(write_suite(tmp_path / "bad.toml", bad))
+
+
+@pytest.mark.parametrize("problem", ["corrupt image", "unknown class folder", "bad checkpoint"])
+def test_bad_input_exits_2_in_one_line_and_caches_nothing(tmp_path, problem, capsys):
+    """Bad data or weights stop the run before any training: exit 2, one line naming the
+    file, no traceback, no model in the cache, and earlier results left as they were."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (16, 16), 40 * i).save(data / cls / f"{i}.png")
+    entry = "[datasets.folder]\nimage_size = 16\nchannels = 1\n"
+    model = "[models.gapcnn]\n"
+    if problem == "corrupt image":
+        (data / "b" / "3.png").write_bytes(b"\x89PNG not really")
+        needle = "3.png"
+    elif problem == "unknown class folder":
+        entry += 'classes = ["a", "c"]\n'
+        needle = "'c'"
+    else:
+        (tmp_path / "w.pt").write_bytes(b"garbage")
+        model = f'[models.gapcnn]\ncheckpoint = "{tmp_path / "w.pt"}"\n'
+        needle = "w.pt"
+    body = SMALL.split("[datasets.synth-lesion]")[0] + entry + model + "[methods.gradcam]\n"
+    suite = write_suite(tmp_path / "s.toml", body)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    out.mkdir()
+    (out / "earlier.txt").write_text("kept")
+    args = ["--suite", suite, "--data-root", str(data), "--out", str(out), "--cache", str(cache)]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err
+    assert not list(cache.glob("models/*")) and (out / "earlier.txt").read_text() == "kept"

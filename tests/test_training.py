@@ -17,7 +17,7 @@ def data(seed=0, n=64):
     return make("train", seed=seed, n=n), make("test", seed=seed, n=32)
 
 
-def train(tmp_path, seed=0, data_seed=0, cache="c"):
+def train(tmp_path, seed=0, data_seed=0, cache="c", **kwargs):
     tr, te = data(data_seed)
     return get_trained_model(
         "gapcnn",
@@ -28,6 +28,7 @@ def train(tmp_path, seed=0, data_seed=0, cache="c"):
         config=CFG,
         seed=seed,
         cache_dir=tmp_path / cache,
+        **kwargs,
     )
 
 
@@ -75,17 +76,7 @@ def test_user_checkpoint_is_loaded_not_trained(tmp_path):
     trained = train(tmp_path, cache="a")
     path = tmp_path / "mine.pt"
     torch.save(trained.model.state_dict(), path)
-    tr, te = data()
-    mine = get_trained_model(
-        "gapcnn",
-        "synth-lesion",
-        train_set=tr,
-        test_set=te,
-        dataset_options={"n": 64},
-        config=CFG,
-        cache_dir=tmp_path / "b",
-        checkpoint=path,
-    )
+    mine = train(tmp_path, cache="b", checkpoint=path)
     for k, v in trained.model.state_dict().items():
         assert torch.equal(mine.model.state_dict()[k], v), k
     assert mine.report["accuracy"] == trained.report["accuracy"]
@@ -108,17 +99,8 @@ def test_bad_user_checkpoint_is_one_clear_error(tmp_path, content, needle):
         path.write_bytes(content)
     elif content is not None:
         torch.save(content, path)
-    tr, te = data()
     with pytest.raises(UserError, match=needle) as err:
-        get_trained_model(
-            "gapcnn",
-            "synth-lesion",
-            train_set=tr,
-            test_set=te,
-            dataset_options={},
-            cache_dir=tmp_path / "c",
-            checkpoint=path,
-        )
+        train(tmp_path, cache="c", checkpoint=path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "c").exists()
 
