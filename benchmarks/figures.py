@@ -10,8 +10,9 @@ others are still written. File names, with M the model and D the dataset label:
                                    (``groups/M--D/examples.npz``)
     morf--M--D--METRIC             mean MoRF curve f(x^(k)) per method, and the running AOPC
                                    after k perturbation steps (curves of ``aopc_morf``)
-    ranks--M--D, ranks--mean       method x metric ranks from ``leaderboard.csv``, per group
-                                   and averaged over groups (when there are several)
+    ranks--M--D, ranks--mean       method x metric ranks from ``leaderboard.csv`` and
+                                   ``leaderboard-cost.csv`` (time), per group and averaged
+                                   over groups (when there are several)
     pareto--M--D--AOPC--TIME       seconds per image (log) against AOPC-MoRF, Pareto front of
                                    lower time and higher AOPC
     sanity--M--D--METRIC           similarity to the original map after each step of the
@@ -49,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.errors import UserError
-from benchmarks.leaderboard import bootstrap_ci
+from benchmarks.leaderboard import CSV_NAME, HOST_CSV_NAME, bootstrap_ci
 from benchmarks.store import group_key
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -178,6 +179,16 @@ def _read_leaderboard(path: Path) -> pd.DataFrame | None:
     return table
 
 
+def _read_leaderboards(root: Path) -> pd.DataFrame | None:
+    """``leaderboard.csv`` with the host measurements (time) of ``leaderboard-cost.csv``
+    appended, as one table; None when the run has neither."""
+    parts = [_read_leaderboard(root / name) for name in (CSV_NAME, HOST_CSV_NAME)]
+    parts = [p for p in parts if p is not None and len(p)]
+    if not parts:
+        return _read_leaderboard(root / CSV_NAME)  # None, or a header-only table
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
 @dataclass
 class RunFolder:
     """What a run folder holds, loaded once; absent files are None."""
@@ -206,7 +217,7 @@ class RunFolder:
             root,
             _read_parquet(root / "rows.parquet"),
             _read_parquet(root / "curves.parquet"),
-            _read_leaderboard(root / "leaderboard.csv"),
+            _read_leaderboards(root),
             suite,
         )
         if run.rows is None and run.curves is None and run.leaderboard is None:
@@ -244,7 +255,9 @@ class RunFolder:
             if (self.root / "groups" / group_key(m, d) / "examples.npz").exists():
                 pairs.add((m, d))
         if not models:
-            for path in (self.root / "groups").glob("*/examples.npz"):
+            for path in sorted((self.root / "groups").glob("*/examples.npz")):
+                if path.parent.name.startswith("."):  # a group still being written
+                    continue
                 m, sep, d = path.parent.name.partition("--")
                 if sep:
                     pairs.add((m, d))

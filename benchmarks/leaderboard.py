@@ -5,11 +5,18 @@ mean rank over metrics. Not-applicable, skipped and failed cells keep their reas
 Aggregation is one shared step for every metric. The bootstrap draws from a generator
 seeded by the cell's key, so the numbers do not depend on the order cells are processed,
 and two runs with the same results give byte-identical files.
+
+Metrics whose values depend on the machine and its load (``MetricInfo.host_dependent``,
+e.g. wall time) cannot give the same number twice; ``split_host_dependent`` sets them
+apart, so ``leaderboard.csv`` is byte-identical between runs of one suite with one seed
+and ``leaderboard-cost.csv`` (same columns) holds the host measurements. The Markdown and
+LaTeX leaderboards show both.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +26,8 @@ import pandas as pd
 BOOTSTRAP_SAMPLES = 1000
 KEYS = ["dataset", "model", "method", "metric"]
 COLUMNS = [*KEYS, "higher_is_better", "mean", "ci_low", "ci_high", "n", "rank", "status", "reason"]
+CSV_NAME = "leaderboard.csv"  # reproducible metrics: byte-identical between runs
+HOST_CSV_NAME = "leaderboard-cost.csv"  # host-dependent metrics (wall time)
 
 
 def bootstrap_ci(
@@ -77,6 +86,31 @@ def aggregate(
         table.loc[idx, "rank"] = signed.rank(method="min").astype(int)
     table["n"] = table["n"].fillna(0).astype(int)
     return table[COLUMNS].sort_values(KEYS, kind="stable").reset_index(drop=True)
+
+
+def split_host_dependent(
+    table: pd.DataFrame, host_metrics: Iterable[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows of ``table`` whose metric is not in ``host_metrics``, and those that are, each
+    in the table's order with a fresh index.
+
+    >>> t = pd.DataFrame({"metric": ["aopc", "time", "iou"], "mean": [0.5, 0.1, 0.2]})
+    >>> [list(part["metric"]) for part in split_host_dependent(t, {"time"})]
+    [['aopc', 'iou'], ['time']]
+    """
+    host = table["metric"].isin(list(host_metrics))
+    return table[~host].reset_index(drop=True), table[host].reset_index(drop=True)
+
+
+def host_note(host_metrics: Iterable[str]) -> str | None:
+    """The leaderboard note naming the columns that are host measurements (None if none)."""
+    names = sorted(set(host_metrics))
+    if not names:
+        return None
+    return (
+        f"{', '.join(names)}: host measurements (they depend on the machine and its load, "
+        f"so they differ between runs); {HOST_CSV_NAME} holds them, {CSV_NAME} the others"
+    )
 
 
 def mean_ranks(table: pd.DataFrame) -> pd.DataFrame:

@@ -507,6 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="only these architectures' settings, comma-separated (resnet18, densenet121)",
+    )
     args = parser.parse_args(argv)
     try:
         device = torch.device(check_device(args.device))
@@ -532,6 +537,16 @@ def main(argv: list[str] | None = None) -> int:
             Setting("densenet121", 96, 32),
             Setting("densenet121", 224, 8),
         ]
+    if args.models:
+        wanted = args.models.split(",")
+        unknown = sorted(set(wanted) - {s.arch for s in settings})
+        if unknown:
+            parser.exit(
+                2,
+                f"error: --models {','.join(unknown)}: no such setting; "
+                f"choose from {', '.join(sorted({s.arch for s in settings}))}\n",
+            )
+        settings = [s for s in settings if s.arch in wanted]
     started, load = dt.datetime.now().isoformat(timespec="seconds"), os.getloadavg()
 
     def log(msg: str) -> None:

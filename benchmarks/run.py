@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import json
 import platform
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -28,7 +29,16 @@ from pathlib import Path
 
 from benchmarks.errors import UserError
 from benchmarks.executors import EXECUTORS, run_groups
-from benchmarks.leaderboard import aggregate, to_csv, to_latex, to_markdown
+from benchmarks.leaderboard import (
+    CSV_NAME,
+    HOST_CSV_NAME,
+    aggregate,
+    host_note,
+    split_host_dependent,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
 from benchmarks.runner import check_device, format_plan, group_specs, log, plan
 from benchmarks.store import RunStore, atomic_write_parquet, atomic_write_text
 from benchmarks.suite import available_suites, filter_suite, load_suite, registries
@@ -84,6 +94,20 @@ def list_entries(what: str) -> str:
         alias = f" (aliases: {', '.join(entry.aliases)})" if entry.aliases else ""
         lines.append(f"{entry.name:<22} {entry.doc}{alias}\n{'':<22} {info}")
     return "\n".join(lines)
+
+
+def remove_partial_writes(store: RunStore) -> int:
+    """Remove what a run killed mid-write left behind: a group folder still under its
+    temporary name (``groups/.tmp-*``, which the glob of ``RunStore.read`` would otherwise
+    gather) and the temporary files of atomic writes (``.NAME.*.tmp``). Call it holding the
+    folder's lock. Returns how many were removed."""
+    partial = [*store.groups_dir.glob(".tmp-*"), *store.root.glob(".*.tmp")]
+    for path in partial:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(partial)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -174,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
     store = RunStore(run_dir)
     store.prepare()
     with store.lock():
+        if n_partial := remove_partial_writes(store):
+            log(f"removed {n_partial} partial write(s) left by an interrupted run")
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         manifest = {
             "run_id": run_dir.name,
@@ -234,18 +260,23 @@ def run(args: argparse.Namespace) -> int:
 
         rows, cells, curves = store.read("rows"), store.read("cells"), store.read("curves")
         regs = registries()
-        directions = {
-            c.label: regs["metrics"].get(c.use).info.higher_is_better for c in suite.metrics
-        }
+        infos = {c.label: regs["metrics"].get(c.use).info for c in suite.metrics}
+        directions = {label: info.higher_is_better for label, info in infos.items()}
         table = aggregate(rows, cells, directions, seed=suite.seed)
+        # host measurements (wall time) differ between runs: kept out of leaderboard.csv
+        host = sorted(label for label, info in infos.items() if info.host_dependent)
+        reproducible, host_table = split_host_dependent(table, host)
         notes = [
             f"suite {suite.name} v{suite.version}, seed {suite.seed}, {suite.eval.max_images} images per model x dataset"
         ]
+        if note := host_note(set(host_table["metric"])):
+            notes.append(note)
         notes += [f"dataset {name} skipped: {why}" for name, why in sorted(skipped.items())]
         atomic_write_parquet(run_dir / "rows.parquet", rows)
         atomic_write_parquet(run_dir / "cells.parquet", cells)
         atomic_write_parquet(run_dir / "curves.parquet", curves)
-        atomic_write_text(run_dir / "leaderboard.csv", to_csv(table))
+        atomic_write_text(run_dir / CSV_NAME, to_csv(reproducible))
+        atomic_write_text(run_dir / HOST_CSV_NAME, to_csv(host_table))
         title = f"Leaderboard: {suite.name}"
         # the model comparison of the X-ray study: accuracy, recall, F1 beside AOPC
         aopc = [c.label for c in suite.metrics if c.use == "aopc_morf"]

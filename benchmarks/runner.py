@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,21 @@ def _cell(
     )
 
 
+def missing_needs(metric: Component, has: Mapping[str, bool]) -> list[str]:
+    """The data the metric needs that the dataset lacks: its needs that ``has`` names
+    ("masks", "organ_masks") with False. Needs ``has`` does not name (the explainer, the
+    weights) are the pipeline's to provide and never missing."""
+    return [need for need in METRICS.get(metric.use).info.needs if not has.get(need, True)]
+
+
+def needs_reason(metric: Component, dataset: Component, has: Mapping[str, bool]) -> str:
+    """Why the metric cannot apply to the dataset's data ("" if nothing is missing)."""
+    missing = missing_needs(metric, has)
+    if not missing:
+        return ""
+    return f"{metric.label} needs {', '.join(missing)}; dataset {dataset.label} has none"
+
+
 def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
@@ -196,17 +212,13 @@ def run_group(spec: GroupSpec) -> GroupResult:
     status: dict[tuple[str, str], dict[str, Any]] = {}
     for m in methods:
         for k in metrics:
-            missing = [
-                need for need in METRICS.get(k.use).info.needs if need in has and not has[need]
-            ]
-            if missing:
+            if reason := needs_reason(k, dc, has):
                 status[(m.label, k.label)] = _cell(
-                    mc.label,
-                    dc.label,
-                    m.label,
-                    k.label,
-                    "not_applicable",
-                    f"{k.label} needs {', '.join(missing)}; dataset {dc.label} has none",
+                    mc.label, dc.label, m.label, k.label, "not_applicable", reason
+                )
+            elif reason := suite.excluded(mc.label, dc.label, m.label, k.label):
+                status[(m.label, k.label)] = _cell(
+                    mc.label, dc.label, m.label, k.label, "excluded", reason
                 )
     rows: list[pd.DataFrame] = []
     curves: list[pd.DataFrame] = []
@@ -425,20 +437,13 @@ class PlannedGroup:
     passes: dict[str, str]  # method -> the passes it costs per image
 
 
-def static_reason(suite: Suite, mc: Component, dc: Component, m: Component, k: Component) -> str:
+def static_reason(mc: Component, dc: Component, m: Component, k: Component) -> str:
     """Why a cell cannot apply, from the registries' metadata alone ("" if it may apply)."""
     model_info = MODELS.get(mc.use).info
     if "gap_head" in METHODS.get(m.use).info.needs and not model_info.gap_head:
         return f"{m.label} needs a GAP + linear head; {mc.label} has a fully-connected head"
     data_info = DATASETS.get(dc.use).info
-    missing = [
-        need
-        for need, has in (("masks", data_info.masks), ("organ_masks", data_info.organ_masks))
-        if need in METRICS.get(k.use).info.needs and not has
-    ]
-    if missing:
-        return f"{k.label} needs {', '.join(missing)}; dataset {dc.label} has none"
-    return ""
+    return needs_reason(k, dc, {"masks": data_info.masks, "organ_masks": data_info.organ_masks})
 
 
 def plan(suite: Suite, *, data_root: str | None) -> list[PlannedGroup]:
@@ -457,8 +462,10 @@ def plan(suite: Suite, *, data_root: str | None) -> list[PlannedGroup]:
             cells = []
             for m in suite.methods:
                 for k in suite.metrics:
-                    reason = static_reason(suite, mc, dc, m, k)
+                    reason = static_reason(mc, dc, m, k)
                     status = "not_applicable" if reason else "planned"
+                    if not reason and (why := suite.excluded(mc.label, dc.label, m.label, k.label)):
+                        status, reason = "excluded", why
                     if data.startswith("missing"):
                         status, reason = "skipped", data
                     cells.append(_cell(mc.label, dc.label, m.label, k.label, status, reason))
@@ -475,26 +482,28 @@ def format_plan(suite: Suite, groups: list[PlannedGroup]) -> str:
         f"{len(suite.metrics)} metric(s), {suite.eval.max_images} images per group, "
         f"seed {suite.seed}"
     ]
-    total = {"planned": 0, "not_applicable": 0, "skipped": 0}
+    total = {"planned": 0, "not_applicable": 0, "excluded": 0, "skipped": 0}
     for g in groups:
         counts = {s: sum(c["status"] == s for c in g.cells) for s in total}
         for s in total:
             total[s] += counts[s]
         lines.append(
             f"\n{g.model} x {g.dataset} ({g.data}): {counts['planned']} cells to run, "
-            f"{counts['not_applicable']} not applicable, {counts['skipped']} skipped"
+            f"{counts['not_applicable']} not applicable, {counts['excluded']} excluded by the "
+            f"suite, {counts['skipped']} skipped"
         )
-        reasons: dict[str, int] = {}
+        reasons: dict[tuple[str, str], int] = {}
         for c in g.cells:
-            if c["status"] == "not_applicable":
-                reasons[c["reason"]] = reasons.get(c["reason"], 0) + 1
-        for reason, n in reasons.items():
-            lines.append(f"  not applicable ({n} cells): {reason}")
+            if c["status"] in ("not_applicable", "excluded"):
+                key = (c["status"], c["reason"])
+                reasons[key] = reasons.get(key, 0) + 1
+        for (what, reason), n in reasons.items():
+            lines.append(f"  {what.replace('_', ' ')} ({n} cells): {reason}")
     lines.append("\npasses per image and method (F forward, B backward):")
     for label, cost in (groups[0].passes if groups else {}).items():
         lines.append(f"  {label:<24} {cost}")
     lines.append(
         f"\ntotal: {total['planned']} cells to run, {total['not_applicable']} not applicable, "
-        f"{total['skipped']} skipped for missing data"
+        f"{total['excluded']} excluded by the suite, {total['skipped']} skipped for missing data"
     )
     return "\n".join(lines)

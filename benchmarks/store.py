@@ -7,12 +7,13 @@ Layout of ``results/<run-id>/``::
         rows.parquet         per-sample scores: model, dataset, method, metric, output,
                              sample_id, label, target, correct, value
         curves.parquet       per-sample curves (list column ``values``)
-        cells.parquet        status per (method, metric): ok, not_applicable, error, skipped
+        cells.parquet        status per (method, metric): ok, not_applicable, excluded (by the suite), error, skipped
         model.json           the model's classification report
         examples.npz         the first evaluation images, their masks and every method's
                              maps (images, ids, masks, maps__<method>), for figures
     rows.parquet, curves.parquet, cells.parquet   all groups, gathered at the end
-    leaderboard.md / .csv / .tex
+    leaderboard.md / .csv / .tex   leaderboard.csv without host measurements (wall time)
+    leaderboard-cost.csv           the host measurements, same columns
 
 A group folder is written under a temporary name and renamed into place, so it is there
 whole or not at all: a rerun of the same suite skips every group already stored, and an
@@ -158,16 +159,20 @@ class RunStore:
 
     def read(self, name: str) -> pd.DataFrame:
         """All groups' ``rows``, ``curves`` or ``cells``, in a deterministic order."""
-        parts = [pd.read_parquet(p) for p in sorted(self.groups_dir.glob(f"*/{name}.parquet"))]
+        parts = [pd.read_parquet(p) for p in self._stored(f"{name}.parquet")]
         parts = [p for p in parts if len(p)]
         columns = {"rows": ROW_COLUMNS, "curves": CURVE_COLUMNS, "cells": CELL_COLUMNS}[name]
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
     def reports(self) -> dict[str, dict[str, Any]]:
-        return {
-            p.parent.name: json.loads(p.read_text())
-            for p in sorted(self.groups_dir.glob("*/model.json"))
-        }
+        return {p.parent.name: json.loads(p.read_text()) for p in self._stored("model.json")}
+
+    def _stored(self, filename: str) -> list[Path]:
+        """The file of every stored group, sorted; groups still being written (hidden
+        ``.tmp-*`` folders, left behind by a killed run) are not stored."""
+        return sorted(
+            p for p in self.groups_dir.glob(f"*/{filename}") if not p.parent.name.startswith(".")
+        )
 
 
 def _alive(pid: int) -> bool:

@@ -21,6 +21,15 @@ A suite file::
     use = "aopc_morf"                # a second entry of one metric with other options
     region = 34
 
+    [[exclude]]                      # cells the suite leaves out, with the reason
+    models = ["resnet*"]             # wildcard patterns per kind; an omitted kind = all
+    methods = ["scorecam"]
+    metrics = ["stability-*"]
+    reason = "too costly for this suite's budget; the full suite runs them"
+
+Excluded cells are recorded with status ``excluded`` and the reason, and shown as such in
+the leaderboards: a suite that must fit a time budget says what it left out.
+
 Every key is checked: an unknown key or option is an error naming the file, the key and
 the close matches. Options are checked against the keyword-only parameters of the
 registered callable they go to.
@@ -58,6 +67,7 @@ TOP_KEYS = (
     "datasets",
     "methods",
     "metrics",
+    "exclude",
 )
 KINDS = ("models", "datasets", "methods", "metrics")
 # Entry keys the pipeline reads itself, not options of the registered callable:
@@ -107,6 +117,30 @@ class Component:
 
 
 @dataclass(frozen=True)
+class Exclusion:
+    """Cells a suite leaves out: wildcard patterns per kind (empty = every entry), a reason."""
+
+    reason: str
+    models: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+
+    def matches(self, model: str, dataset: str, method: str, metric: str) -> bool:
+        import fnmatch
+
+        return all(
+            not pats or any(fnmatch.fnmatchcase(label, p) for p in pats)
+            for label, pats in (
+                (model, self.models),
+                (dataset, self.datasets),
+                (method, self.methods),
+                (metric, self.metrics),
+            )
+        )
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     version: int
@@ -119,6 +153,14 @@ class Suite:
     methods: tuple[Component, ...]
     metrics: tuple[Component, ...]
     source: str = ""
+    exclude: tuple[Exclusion, ...] = ()
+
+    def excluded(self, model: str, dataset: str, method: str, metric: str) -> str | None:
+        """The reason the suite leaves this cell out, or None."""
+        for rule in self.exclude:
+            if rule.matches(model, dataset, method, metric):
+                return rule.reason
+        return None
 
     def resolved(self) -> dict[str, Any]:
         """The suite as plain data, after includes, defaults and filters."""
@@ -131,6 +173,7 @@ class Suite:
             "eval": asdict(self.eval),
             "train": asdict(self.train),
             **{kind: comp(getattr(self, kind)) for kind in KINDS},
+            **({"exclude": [asdict(e) for e in self.exclude]} if self.exclude else {}),
         }
 
     def config_hash(self) -> str:
@@ -263,6 +306,46 @@ def _config(path: str, name: str, cls, data: dict[str, Any]):
     return cls(**data)
 
 
+def _exclusions(path: str, rules: Any, components: dict[str, tuple[Component, ...]]):
+    """The [[exclude]] tables; every pattern must match an entry of the suite (typos fail)."""
+    import fnmatch
+
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise UserError(
+            f"suite file {path}: exclude must be an array of tables ([[exclude]]), got {rules!r}"
+        )
+    out = []
+    for i, rule in enumerate(rules, 1):
+        where = f"[[exclude]] #{i}"
+        _check_keys(path, where, rule, (*KINDS, "reason"))
+        reason = rule.get("reason")
+        if not isinstance(reason, str) or not reason.strip():
+            raise UserError(
+                f"suite file {path}: {where} needs a reason (a sentence the leaderboard shows)"
+            )
+        pats: dict[str, tuple[str, ...]] = {}
+        for kind in KINDS:
+            value = rule.get(kind, [])
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UserError(
+                    f"suite file {path}: {where} {kind} must be a list of names or wildcard "
+                    f"patterns, got {rule.get(kind)!r}"
+                )
+            labels = [c.label for c in components[kind]]
+            for pat in value:
+                if not any(fnmatch.fnmatchcase(label, pat) for label in labels):
+                    hint = close_matches(pat, labels)
+                    raise UserError(
+                        f"suite file {path}: {where} {kind} pattern {pat!r} matches no entry."
+                        + (f" Did you mean: {', '.join(hint)}?" if hint else "")
+                        + f" The suite has: {', '.join(labels)}"
+                    )
+            pats[kind] = tuple(value)
+        out.append(Exclusion(reason=reason.strip(), **pats))
+    return tuple(out)
+
+
 def load_suite(name_or_path: str) -> Suite:
     """Read, merge and validate a suite; unknown names and keys are errors with close matches."""
     path = suite_path(name_or_path)
@@ -270,6 +353,9 @@ def load_suite(name_or_path: str) -> Suite:
     where = str(path)
     regs = registries()
     try:
+        components = {
+            kind: _components(where, kind, data.get(kind, {}), regs[kind]) for kind in KINDS
+        }
         return Suite(
             name=str(data.get("name", path.stem)),
             version=int(data.get("version", 1)),
@@ -277,8 +363,9 @@ def load_suite(name_or_path: str) -> Suite:
             seed=int(data.get("seed", 0)),
             eval=_config(where, "eval", EvalConfig, data.get("eval", {})),
             train=_config(where, "train", TrainConfig, data.get("train", {})),
-            **{kind: _components(where, kind, data.get(kind, {}), regs[kind]) for kind in KINDS},
+            **components,
             source=", ".join(data.get("_files", [])),
+            exclude=_exclusions(where, data.get("exclude", []), components),
         )
     except UserError as exc:
         if where in str(exc):

@@ -27,7 +27,7 @@ from benchmarks.errors import UserError
 from benchmarks.zoo import MODELS, build_model
 from datasets.base import DATASETS, ImageDataset
 
-TRAINING_CODE_VERSION = 1
+TRAINING_CODE_VERSION = 2  # 2: channels-last training
 
 
 @dataclass(frozen=True)
@@ -182,10 +182,15 @@ def train(
     device: str,
     desc: str,
 ) -> None:
-    """Seeded AdamW training with a one-cycle schedule and a progress bar."""
+    """Seeded AdamW training with a one-cycle schedule and a progress bar.
+
+    Trains in channels-last memory format (1.1-1.3x faster convolutions on CPU, measured in
+    ``benchmarks/perf_training.py``) and hands the model back in the default format, so a
+    freshly trained model and one loaded from the cache compute bit-identical maps."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
+    model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, -(-len(images) // config.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -205,7 +210,7 @@ def train(
             for i in range(0, len(images), config.batch_size):
                 idx = order[i : i + config.batch_size]
                 xb, yb = images[idx].to(device), labels[idx].to(device)
-                xb = augment(xb, config, gen)
+                xb = augment(xb, config, gen).contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
@@ -213,7 +218,7 @@ def train(
                 sched.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()
 
 
 def _evaluate(model: nn.Module, test_set: ImageDataset, device: str) -> dict[str, Any]:

@@ -37,6 +37,10 @@ class MetricInfo:
     needs: "masks", "organ_masks", "explainer" (re-explains inputs), "weights" (changes
         or reads the model's parameters).
     secondary: (name, higher_is_better) of further outputs besides ``value``.
+    host_dependent: the value depends on the machine and its load (a wall-clock time), not
+        only on the seed and the inputs, so two runs of one suite give different numbers.
+        The run keeps such metrics out of ``leaderboard.csv`` (which is then byte-identical
+        between runs) and writes them to ``leaderboard-cost.csv``.
     """
 
     kind: Kind
@@ -44,6 +48,7 @@ class MetricInfo:
     needs: tuple[str, ...] = ()
     secondary: tuple[tuple[str, bool], ...] = ()
     version: int = 1
+    host_dependent: bool = False
 
 
 METRICS: Registry[MetricInfo] = Registry("metric", MetricInfo)

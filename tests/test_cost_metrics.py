@@ -56,6 +56,24 @@ def test_gradcam_makes_one_forward_and_one_backward(small):
     assert np.all(scores.values["value"] > 0) and np.all(scores.values["pass_ratio"] > 0)
 
 
+@pytest.mark.parametrize("warmup,repeats", [(0, 1), (1, 1), (0, 3), (2, 3)])
+def test_time_runs_the_method_warmup_plus_repeats_times_and_counts_once(small, warmup, repeats):
+    model, x = small
+    ctx = ctx_for(model, x, "gradcam", layer="0")
+    calls = []
+    inner = ctx.explain
+
+    def explain(mod, xx, tt):
+        calls.append(1)
+        return inner(mod, xx, tt)
+
+    ctx.explain = explain
+    scores = METRICS.get("time").obj(ctx, warmup=warmup, repeats=repeats)
+    assert len(calls) == warmup + repeats  # no extra run only to count the passes
+    np.testing.assert_array_equal(scores.values["forwards"], 1.0)
+    np.testing.assert_array_equal(scores.values["backwards"], 1.0)
+
+
 def test_occlusion_forward_count_is_the_closed_form(small):
     """12x12 image, window 4, stride 4: 3 x 3 windows, plus the unoccluded forward."""
     model, x = small

@@ -155,6 +155,19 @@ def test_unknown_names_exit_2_with_close_matches(args, needle, capsys):
         ),
         (SMALL + "[models.gapcnn]\n[methods.gradcam]\nlayr = 'features'\n", "unknown key 'layr'"),
         (SMALL.replace("[eval]", "[evaluation]") + "[models.gapcnn]\n", "Did you mean: eval"),
+        (
+            SMALL + '[models.gapcnn]\n[methods.gradcam]\n[[exclude]]\nmethods = ["gradcm"]\n'
+            'reason = "costly"\n',
+            "[[exclude]] #1 methods pattern 'gradcm' matches no entry. Did you mean: gradcam",
+        ),
+        (
+            SMALL + '[models.gapcnn]\n[methods.gradcam]\n[[exclude]]\nmethods = ["gradcam"]\n',
+            "[[exclude]] #1 needs a reason",
+        ),
+        (
+            SMALL + '[models.gapcnn]\n[[exclude]]\nmetric = ["x"]\nreason = "r"\n',
+            "unknown key 'metric' in [[exclude]] #1. Did you mean: metrics",
+        ),
     ],
 )
 def test_suite_file_errors_name_file_key_and_matches(tmp_path, body, needle, capsys):
@@ -223,6 +236,27 @@ def test_dry_run_plans_without_running(tmp_path, capsys):
     assert "test-flat-head x synth-lesion (synthetic): 2 cells to run, 2 not applicable" in text
     assert "cam needs a GAP + linear head" in text and "1F+1B" in text
     assert not out.exists()
+
+
+def test_excluded_cells_are_recorded_with_the_suites_reason(tmp_path, cache, capsys):
+    body = SMALL + "[models.gapcnn]\n[methods.cam]\n[methods.gradcam]\n[metrics.pointing_game]\n"
+    body += '[[exclude]]\nmethods = ["grad*"]\nmetrics = ["aopc_*"]\nreason = "too slow here"\n'
+    suite = write_suite(tmp_path / "ex.toml", body)
+    out = tmp_path / "run"
+    args = ["--suite", suite, "--out", str(out), "--cache", cache, "--no-progress"]
+    assert main([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "3 cells to run, 0 not applicable, 1 excluded by the suite" in text
+    assert "excluded (1 cells): too slow here" in text
+    assert main(args) == 0
+    cells = pd.read_parquet(out / "cells.parquet").set_index(["method", "metric"])
+    assert cells.loc[("gradcam", "aopc_morf"), "status"] == "excluded"
+    assert cells.loc[("gradcam", "aopc_morf"), "reason"] == "too slow here"
+    assert (cells.drop(index=("gradcam", "aopc_morf"))["status"] == "ok").all()
+    rows = pd.read_parquet(out / "rows.parquet")
+    assert not ((rows["method"] == "gradcam") & (rows["metric"] == "aopc_morf")).any()
+    board = (out / "leaderboard.md").read_text()
+    assert "excluded [" in board and "excluded: too slow here" in board
 
 
 def test_missing_real_data_is_skipped_and_named_or_an_error_with_strict(tmp_path, cache, capsys):

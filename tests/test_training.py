@@ -44,6 +44,13 @@ def test_same_seed_same_weights_and_cache_hit(tmp_path):
     hit = train(tmp_path, cache="a")
     assert hit.checkpoint == first.checkpoint and hit.checkpoint.stat().st_mtime_ns == mtime
     assert not hit.model.training
+    # trained in channels-last, handed back in the default format: the freshly trained model
+    # and the cached one compute bit-identical outputs (cold and warm runs agree)
+    for p in first.model.parameters():
+        assert p.is_contiguous()
+    x = data()[1].images[:8]
+    with torch.inference_mode():
+        assert torch.equal(first.model(x), hit.model(x))
 
 
 def test_key_changes_with_seed_and_with_the_data(tmp_path):
