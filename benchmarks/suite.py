@@ -310,9 +310,23 @@ def _config(path: str, name: str, cls, data: dict[str, Any]):
     return cls(**data)
 
 
+def require_match(pattern: str, labels: list[str], message: str) -> None:
+    """A UserError (``message``, the close matches, the labels there are) unless the
+    wildcard ``pattern`` matches one of ``labels``."""
+    import fnmatch
+
+    if any(fnmatch.fnmatchcase(label, pattern) for label in labels):
+        return
+    hint = close_matches(pattern, labels)
+    raise UserError(
+        message
+        + (f" Did you mean: {', '.join(hint)}?" if hint else "")
+        + f" The suite has: {', '.join(labels)}"
+    )
+
+
 def _exclusions(path: str, rules: Any, components: dict[str, tuple[Component, ...]]):
     """The [[exclude]] tables; every pattern must match an entry of the suite (typos fail)."""
-    import fnmatch
 
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise UserError(
@@ -338,13 +352,11 @@ def _exclusions(path: str, rules: Any, components: dict[str, tuple[Component, ..
                 )
             labels = [c.label for c in components[kind]]
             for pat in value:
-                if not any(fnmatch.fnmatchcase(label, pat) for label in labels):
-                    hint = close_matches(pat, labels)
-                    raise UserError(
-                        f"suite file {path}: {where} {kind} pattern {pat!r} matches no entry."
-                        + (f" Did you mean: {', '.join(hint)}?" if hint else "")
-                        + f" The suite has: {', '.join(labels)}"
-                    )
+                require_match(
+                    pat,
+                    labels,
+                    f"suite file {path}: {where} {kind} pattern {pat!r} matches no entry.",
+                )
             pats[kind] = tuple(value)
         out.append(Exclusion(reason=reason.strip(), **pats))
     return tuple(out)
@@ -404,13 +416,9 @@ def filter_suite(suite: Suite, **patterns: list[str] | None) -> Suite:
         comps = getattr(suite, kind)
         labels = [c.label for c in comps]
         for pat in pats:
-            if not any(fnmatch.fnmatchcase(lab, pat) for lab in labels):
-                hint = close_matches(pat, labels)
-                raise UserError(
-                    f"--{kind} {pat!r} matches no {kind[:-1]} of suite {suite.name!r}."
-                    + (f" Did you mean: {', '.join(hint)}?" if hint else "")
-                    + f" The suite has: {', '.join(labels)}"
-                )
+            require_match(
+                pat, labels, f"--{kind} {pat!r} matches no {kind[:-1]} of suite {suite.name!r}."
+            )
         changes[kind] = tuple(
             c for c in comps if any(fnmatch.fnmatchcase(c.label, p) for p in pats)
         )
