@@ -51,7 +51,7 @@ import pandas as pd
 
 from benchmarks.errors import UserError
 from benchmarks.leaderboard import CSV_NAME, HOST_CSV_NAME, bootstrap_ci
-from benchmarks.store import group_key
+from benchmarks.store import group_key, stored_files
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 MAX_SCATTER_POINTS = 20_000
@@ -221,7 +221,7 @@ class RunFolder:
             suite,
         )
         if run.rows is None and run.curves is None and run.leaderboard is None:
-            if not any((root / "groups").glob("*/examples.npz")):
+            if not stored_files(root / "groups", "examples.npz"):
                 raise UserError(
                     f"{root} holds no results (rows.parquet, curves.parquet, leaderboard.csv); "
                     f"write them first with python -m benchmarks.run --suite NAME --out {root}"
@@ -255,9 +255,7 @@ class RunFolder:
             if (self.root / "groups" / group_key(m, d) / "examples.npz").exists():
                 pairs.add((m, d))
         if not models:
-            for path in sorted((self.root / "groups").glob("*/examples.npz")):
-                if path.parent.name.startswith("."):  # a group still being written
-                    continue
+            for path in stored_files(self.root / "groups", "examples.npz"):
                 m, sep, d = path.parent.name.partition("--")
                 if sep:
                     pairs.add((m, d))

@@ -168,11 +168,15 @@ class RunStore:
         return {p.parent.name: json.loads(p.read_text()) for p in self._stored("model.json")}
 
     def _stored(self, filename: str) -> list[Path]:
-        """The file of every stored group, sorted; groups still being written (hidden
-        ``.tmp-*`` folders, left behind by a killed run) are not stored."""
-        return sorted(
-            p for p in self.groups_dir.glob(f"*/{filename}") if not p.parent.name.startswith(".")
-        )
+        return stored_files(self.groups_dir, filename)
+
+
+def stored_files(groups_dir: Path, filename: str) -> list[Path]:
+    """``filename`` of every stored group under ``groups_dir``, sorted; groups still being
+    written (hidden ``.tmp-*`` folders, left behind by a killed run) are not stored."""
+    return sorted(
+        p for p in Path(groups_dir).glob(f"*/{filename}") if not p.parent.name.startswith(".")
+    )
 
 
 def _alive(pid: int) -> bool:
