@@ -19,8 +19,8 @@ others are still written. File names, with M the model and D the dataset label:
                                    cascading randomization (``model_randomization`` curves)
     robustness--M--D               mean and 95% CI of the primary value of every metric of
                                    kind robustness or adversarial
-    cam-equivalence--M--D          CAM against Grad-CAM pixel values on a GAP model, with
-                                   Pearson's r (``examples.npz``)
+    cam-equivalence--M--D          ReLU(CAM) against Grad-CAM pixel values on a GAP model,
+                                   with Pearson's r (``examples.npz``)
 
 Bands around mean curves are 95% normal-approximation intervals (mean +- 1.96 SE over
 images); bars and error bars are the leaderboard's 95% bootstrap intervals.
@@ -638,13 +638,20 @@ def fig_robustness(run: RunFolder, model: str, dataset: str, metrics: list[str])
 
 
 def fig_cam_equivalence(run: RunFolder, model: str, dataset: str):
-    """CAM against Grad-CAM, pixel by pixel (min-max per map), with Pearson's r."""
+    """ReLU(CAM) against Grad-CAM, pixel by pixel (min-max per map), with Pearson's r.
+
+    On a GAP + linear head Grad-CAM's weights are CAM's divided by the map's area, so
+    Grad-CAM = ReLU(CAM) / Z at the target layer's resolution; CAM itself keeps its negative
+    evidence (as in the paper), hence the ReLU here. At the input resolution the points sit
+    on the diagonal except near CAM's zero crossings, where they sit above it: Grad-CAM
+    upsamples after its ReLU, and a bilinear mean of ReLUs is at least the ReLU of the mean.
+    """
     maps = example_maps(run, run.examples(model, dataset))
     cam = run.labels("methods", ["cam"], maps)
     grad = run.labels("methods", ["gradcam"], maps)
     if not cam or not grad:
         raise Skip(f"examples of {group_key(model, dataset)} hold no CAM and Grad-CAM maps")
-    a = np.concatenate([minmax(m).ravel() for m in maps[cam[0]]])
+    a = np.concatenate([minmax(np.maximum(m, 0)).ravel() for m in maps[cam[0]]])
     b = np.concatenate([minmax(m).ravel() for m in maps[grad[0]]])
     if a.shape != b.shape:
         raise Skip(f"{cam[0]} and {grad[0]} maps differ in shape in {group_key(model, dataset)}")
@@ -662,7 +669,7 @@ def fig_cam_equivalence(run: RunFolder, model: str, dataset: str):
         xlim=(-0.02, 1.02),
         ylim=(-0.02, 1.02),
         aspect="equal",
-        xlabel=f"{cam[0]} (min-max per map)",
+        xlabel=f"ReLU({cam[0]}) (min-max per map)",
         ylabel=f"{grad[0]} (min-max per map)",
         title=f"{model} on {dataset}: Pearson r = {r:.4f}",
     )

@@ -14,6 +14,8 @@ A suite file::
 
     [models.gapcnn]                  # label = registry name unless `use` says otherwise
     layer = "features"               # target layer for the methods (default: the zoo's)
+    train = { lr = 1e-3 }            # training overrides for this model, on every dataset
+    train_on.synth-lesion = { epochs = 4 }   # ... and on one dataset (by its label)
     [datasets.synth-lesion]
     image_size = 32
     [methods.gradcam]
@@ -72,12 +74,13 @@ TOP_KEYS = (
 KINDS = ("models", "datasets", "methods", "metrics")
 # Entry keys the pipeline reads itself, not options of the registered callable:
 #   models:   layer (target layer), checkpoint (the user's weights instead of training),
-#             train (TrainConfig overrides for this model)
+#             train (TrainConfig overrides for this model), train_on (a table of dataset
+#             label -> TrainConfig overrides for this model on that dataset)
 #   datasets: root (data directory), train (TrainConfig overrides for this dataset)
 #   methods, metrics: max_images (the entry sees only the first N evaluation images of each
 #             (model, dataset): for costly methods and metrics; n is reported per cell)
 ENTRY_KEYS = {
-    "models": ("layer", "checkpoint", "train"),
+    "models": ("layer", "checkpoint", "train", "train_on"),
     "datasets": ("root", "train"),
     "methods": ("max_images",),
     "metrics": ("max_images",),
@@ -300,8 +303,36 @@ def _components(
                     f"e.g. train = {{ epochs = 12 }}; got {opts['train']!r}"
                 )
             _config(path, f"{kind}.{label}.train", TrainConfig, opts["train"])
+        for dataset, train in _table(path, f"[{kind}.{label}] train_on", opts, "train_on"):
+            _config(path, f"{kind}.{label}.train_on.{dataset}", TrainConfig, train)
         out.append(Component(label=label, use=entry.name, options=opts))
     return tuple(out)
+
+
+def _table(path: str, where: str, opts: dict[str, Any], key: str) -> list[tuple[str, dict]]:
+    """The (name, table) items of the table of tables ``opts[key]`` (none if absent)."""
+    value = opts.get(key, {})
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise UserError(
+            f"suite file {path}: {where} must be a table of tables, "
+            f"e.g. {key}.busi = {{ epochs = 8 }}; got {value!r}"
+        )
+    return list(value.items())
+
+
+def _check_train_on(path: str, models: tuple[Component, ...], datasets: tuple[Component, ...]):
+    """Every ``train_on`` key of a model entry names a dataset entry of the suite."""
+    labels = [d.label for d in datasets]
+    for model in models:
+        for dataset in model.options.get("train_on", {}):
+            if dataset not in labels:
+                hint = close_matches(dataset, labels)
+                raise UserError(
+                    f"suite file {path}: [models.{model.label}] train_on.{dataset}: no dataset "
+                    f"{dataset!r} in the suite."
+                    + (f" Did you mean: {', '.join(hint)}?" if hint else "")
+                    + f" The suite has: {', '.join(labels)}"
+                )
 
 
 def _config(path: str, name: str, cls, data: dict[str, Any]):
@@ -372,6 +403,7 @@ def load_suite(name_or_path: str) -> Suite:
         components = {
             kind: _components(where, kind, data.get(kind, {}), regs[kind]) for kind in KINDS
         }
+        _check_train_on(where, components["models"], components["datasets"])
         return Suite(
             name=str(data.get("name", path.stem)),
             version=int(data.get("version", 1)),
@@ -396,11 +428,17 @@ def builder_options(component: Component, kind: str) -> dict[str, Any]:
 
 
 def train_config(suite: Suite, model: Component, dataset: Component) -> TrainConfig:
-    """The suite's [train], overridden by the dataset entry's ``train``, then the model's."""
+    """The suite's [train], overridden by the dataset entry's ``train``, then the model's
+    ``train``, then the model's ``train_on`` entry for this dataset."""
     import dataclasses
 
     return dataclasses.replace(
-        suite.train, **{**dataset.options.get("train", {}), **model.options.get("train", {})}
+        suite.train,
+        **{
+            **dataset.options.get("train", {}),
+            **model.options.get("train", {}),
+            **model.options.get("train_on", {}).get(dataset.label, {}),
+        },
     )
 
 

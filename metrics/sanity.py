@@ -11,7 +11,12 @@ randomization is better.
 - Layers: every module with parameters of its own, in the order the forward pass first runs
   them (found with hooks on the copy; modules that do not run are left alone), randomized in
   reverse order. ``granularity="block"`` groups them by the first ``block_depth`` components
-  of their dotted name (``layer4.1.conv2`` -> ``layer4.1`` for depth 2), one step per block.
+  of their dotted name (``layer4.1.conv2`` -> ``layer4.1`` for depth 2), one step per block;
+  a block of normalization layers alone (only 1-D parameters: ``norm5`` after DenseNet's
+  last dense block, each BatchNorm of VGG's flat ``features``) is randomized in one step
+  with the layer that runs just before it, the layer whose output it normalizes. So VGG-16
+  (BN) gets Adebayo et al.'s cascade of its 16 weight layers (not 29 steps, 13 of which
+  would reset one BatchNorm), ResNet-18 its 6 blocks, DenseNet-121 its 9.
 - Re-initialization, seeded from the run seed (the same random weights for every batch):
   weights of 2 or more dimensions ~ N(0, 2 / fan_in) (He normal, which keeps activations
   from vanishing through the randomized ReLU layers, so a map does not go blank merely
@@ -96,10 +101,25 @@ def randomization_steps(
         raise UserError(f"granularity must be 'module' or 'block', got {granularity!r}")
     if block_depth < 1:
         raise UserError(f"block_depth must be >= 1, got {block_depth}")
-    steps: dict[str, list[str]] = {}
+    blocks: dict[str, list[str]] = {}
     for name in top_down:
-        steps.setdefault(".".join(name.split(".")[:block_depth]), []).append(name)
-    return list(steps.items())
+        blocks.setdefault(".".join(name.split(".")[:block_depth]), []).append(name)
+    modules = dict(model.named_modules())
+
+    def norm_only(members: list[str]) -> bool:
+        return all(p.dim() < 2 for m in members for p in modules[m].parameters(recurse=False))
+
+    steps: list[tuple[str, list[str]]] = []
+    pending: list[str] = []  # normalization layers waiting for the layer they normalize
+    for block, members in blocks.items():
+        if norm_only(members):
+            pending += members
+        else:
+            steps.append((block, pending + members))
+            pending = []
+    if pending:  # normalization layers that run before every weight layer: a step of their own
+        steps.append((".".join(pending[0].split(".")[:block_depth]), pending))
+    return steps
 
 
 @torch.no_grad()

@@ -221,6 +221,36 @@ def test_cam_equivalence_title_gives_pearson_r(tmp_path):
     assert fig_cam_equivalence(run, MODEL, DATASET).axes[0].get_title().endswith("r = -1.0000")
 
 
+def test_cam_equivalence_of_real_maps_on_a_gap_model(tmp_path):
+    # The methods' own maps on the GAP CNN: Grad-CAM = ReLU(CAM) / Z at the layer, so
+    # against ReLU(CAM) the points lie on the diagonal, or above it near CAM's zero
+    # crossings (Grad-CAM upsamples after its ReLU: a mean of ReLUs >= the ReLU of a mean).
+    import torch
+
+    from benchmarks.zoo import build_model
+    from cams import METHODS
+
+    root = write_run(tmp_path / "run", curves=False)
+    torch.manual_seed(0)
+    model = build_model("gapcnn", in_channels=3, num_classes=2).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    target = torch.tensor([0, 1])
+    cam, grad = (METHODS.get(m).obj(model, x, target).maps.numpy() for m in ("cam", "gradcam"))
+    assert (cam < 0).any() and (cam > 0).any()  # zero crossings, or the check is empty
+    path = root / "groups" / f"{MODEL}--{DATASET}" / "examples.npz"
+    data = dict(np.load(path))
+    data.update(images=x.numpy(), masks=np.zeros((2, 32, 32), bool), maps__cam=cam, maps__grad=grad)
+    np.savez(path, **data)
+    fig = fig_cam_equivalence(RunFolder.load(root), MODEL, DATASET)
+    (points,) = fig.axes[0].collections
+    xy = points.get_offsets()
+    assert xy.shape == (2 * 32 * 32, 2) and np.all(xy[:, 1] >= xy[:, 0] - 1e-5)
+    on_diagonal = np.abs(xy[:, 1] - xy[:, 0]) < 1e-5
+    assert on_diagonal.mean() > 0.3  # where no zero crossing is near, equal
+    # at random init CAM is negative over 65% of these maps; r is still high
+    assert float(fig.axes[0].get_title().rsplit("= ", 1)[1]) > 0.9
+
+
 def test_absent_examples_and_curves_skip_their_figures_with_a_note(tmp_path, capsys):
     root = write_run(tmp_path / "run", examples=False, curves=False)
     out = tmp_path / "figs"

@@ -334,6 +334,28 @@ def test_cascade_runs_top_down_over_modules_or_blocks():
     assert blocks[1][1] == steps[1:]
 
 
+def test_a_normalization_block_is_randomized_with_the_layer_it_normalizes():
+    # The GAP CNN's `features` is a flat Sequential: at depth 2 every module is its own block,
+    # and each batch norm (features.1, .5, ...) joins the conv that runs before it.
+    model = _gapcnn()
+    x = torch.rand(1, 1, 32, 32)
+    blocks = randomization_steps(model, x, granularity="block")
+    assert blocks == [
+        ("head.2", ["head.2"]),
+        ("features.11", ["features.12", "features.11"]),
+        ("features.8", ["features.9", "features.8"]),
+        ("features.4", ["features.5", "features.4"]),
+        ("features.0", ["features.1", "features.0"]),
+    ]
+    # torchvision's VGG-16 (BN): Adebayo et al.'s cascade over its 13 conv and 3 linear layers
+    from benchmarks.zoo import build_model
+
+    vgg = build_model("vgg16_bn", in_channels=1, num_classes=2).eval()
+    vgg_blocks = randomization_steps(vgg, x, granularity="block")
+    kinds = [[type(dict(vgg.named_modules())[m]).__name__ for m in ms] for _, ms in vgg_blocks]
+    assert kinds == [["Linear"]] * 3 + [["BatchNorm2d", "Conv2d"]] * 13
+
+
 def test_cascade_randomizes_a_copy_one_more_layer_per_step():
     # A spy "method" records, at every re-explanation, which modules differ from the original.
     model = _gapcnn()

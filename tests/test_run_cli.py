@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from torch import nn
 
+from benchmarks.errors import UserError
 from benchmarks.run import main
 from benchmarks.zoo import MODELS, Classifier, Normalize
 
@@ -287,6 +288,36 @@ def test_per_entry_train_overrides_change_the_model(tmp_path, cache):
     bad = body.replace("lr = 0.01", "learning_rate = 0.01")
     with pytest.raises(Exception, match="learning_rate"):
         load_suite(write_suite(tmp_path / "bad.toml", bad))
+
+
+def test_train_on_overrides_one_model_on_one_dataset(tmp_path):
+    from benchmarks.suite import load_suite, train_config
+
+    body = SMALL + (
+        "[datasets.phantom]\nuse = 'synth-cxr'\ntrain = { epochs = 5 }\n"
+        "[models.gapcnn]\ntrain = { lr = 0.01, epochs = 4 }\n"
+        "train_on.synth-lesion = { epochs = 2, batch_size = 16 }\n"
+        "[models.resnet18]\n"
+    )
+    suite = load_suite(write_suite(tmp_path / "t.toml", body))
+    (gap, r18), (lesion, phantom) = suite.models, suite.datasets
+    configs = {
+        (m.label, d.label): train_config(suite, m, d) for m in (gap, r18) for d in (lesion, phantom)
+    }
+    pick = lambda c: (c.epochs, c.lr, c.batch_size)  # noqa: E731
+    assert pick(configs["gapcnn", "synth-lesion"]) == (2, 0.01, 16)  # pair > model > dataset
+    assert pick(configs["gapcnn", "phantom"]) == (4, 0.01, 64)
+    assert pick(configs["resnet18", "synth-lesion"]) == (3, 3e-3, 64)  # the suite's [train]
+    assert pick(configs["resnet18", "phantom"]) == (5, 3e-3, 64)
+    for typo, match in [
+        ("train_on.synth-lesoin", r"\[models.gapcnn\] train_on.synth-lesoin: no dataset.*"
+         r"Did you mean: synth-lesion\?"),
+        ("train_on.synth-lesion = { epoch = 2 }\n#", r"unknown key 'epoch'.*Did you mean: epochs"),
+        ("train_on = 3\n#", r"train_on must be a table of tables"),
+    ]:
+        bad = body.replace("train_on.synth-lesion", typo, 1)
+        with pytest.raises(UserError, match=match):
+            load_suite(write_suite(tmp_path / "bad.toml", bad))
 
 
 @pytest.mark.parametrize("problem", ["corrupt image", "unknown class folder", "bad checkpoint"])
