@@ -326,12 +326,11 @@ def _check_train_on(path: str, models: tuple[Component, ...], datasets: tuple[Co
     for model in models:
         for dataset in model.options.get("train_on", {}):
             if dataset not in labels:
-                hint = close_matches(dataset, labels)
-                raise UserError(
+                raise _no_match(
+                    dataset,
+                    labels,
                     f"suite file {path}: [models.{model.label}] train_on.{dataset}: no dataset "
-                    f"{dataset!r} in the suite."
-                    + (f" Did you mean: {', '.join(hint)}?" if hint else "")
-                    + f" The suite has: {', '.join(labels)}"
+                    f"{dataset!r} in the suite.",
                 )
 
 
@@ -348,8 +347,13 @@ def require_match(pattern: str, labels: list[str], message: str) -> None:
 
     if any(fnmatch.fnmatchcase(label, pattern) for label in labels):
         return
-    hint = close_matches(pattern, labels)
-    raise UserError(
+    raise _no_match(pattern, labels, message)
+
+
+def _no_match(name: str, labels: list[str], message: str) -> UserError:
+    """``message``, then the labels close to ``name`` and every label there is."""
+    hint = close_matches(name, labels)
+    return UserError(
         message
         + (f" Did you mean: {', '.join(hint)}?" if hint else "")
         + f" The suite has: {', '.join(labels)}"

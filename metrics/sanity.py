@@ -105,14 +105,10 @@ def randomization_steps(
     for name in top_down:
         blocks.setdefault(".".join(name.split(".")[:block_depth]), []).append(name)
     modules = dict(model.named_modules())
-
-    def norm_only(members: list[str]) -> bool:
-        return all(p.dim() < 2 for m in members for p in modules[m].parameters(recurse=False))
-
     steps: list[tuple[str, list[str]]] = []
     pending: list[str] = []  # normalization layers waiting for the layer they normalize
     for block, members in blocks.items():
-        if norm_only(members):
+        if all(is_normalization(modules[m]) for m in members):
             pending += members
         else:
             steps.append((block, pending + members))
@@ -122,12 +118,18 @@ def randomization_steps(
     return steps
 
 
+def is_normalization(module: nn.Module) -> bool:
+    """A module whose own parameters are all 1-D (scale and shift): a normalization layer.
+    ``reinitialize_`` resets one to the identity without drawing random numbers."""
+    return all(p.dim() < 2 for p in module.parameters(recurse=False))
+
+
 @torch.no_grad()
 def reinitialize_(module: nn.Module, generator: torch.Generator) -> None:
     """Re-initialize ``module``'s own parameters in place (see the module docstring)."""
     params = dict(module.named_parameters(recurse=False))
     matrices = [p for p in params.values() if p.dim() >= 2]
-    if not matrices:  # a normalization layer: back to its initial state, the identity map
+    if is_normalization(module):  # back to its initial state, the identity map
         for name, p in params.items():
             p.fill_(1.0 if name == "weight" else 0.0)
         if hasattr(module, "reset_running_stats"):
