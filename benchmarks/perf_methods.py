@@ -9,8 +9,10 @@ seconds per batch over repeats after a warm-up (synchronized on GPU), seconds pe
 and the ratio to the floor, the time of one forward and one backward to the input of the
 same model and batch. Score-CAM and occlusion are also compared with the forward passes they
 need (1 + K masked images, resp. 1 + n_windows, per image), timed as plain forwards in the
-same chunk size. Those rows may run on a subset of the batch, scaled to the batch; the
-table says so. Masked images per forward are ``CHUNK`` for every implementation.
+same chunk size just before and just after each of them; a rival implementation is compared
+through that ratio, so the machine's drift between rows timed minutes apart cancels. Those
+rows may run on a subset of the batch, scaled to the batch; the table says so. Masked
+images per forward are ``CHUNK`` for every implementation.
 
 A library call that fails is a row with its error, not a crash.
 """
@@ -88,6 +90,7 @@ class Row:
     images: int
     seconds: float | None = None  # per batch, scaled from the subset when images < batch
     forwards: float | None = None  # the forwards it needs, per batch, scaled the same way
+    paired: float | None = None  # median of time / the forwards timed around it, per repeat
     note: str = ""
     kind: str = ""
 
@@ -309,8 +312,8 @@ def run_setting(
 
     The cheap rows are timed round-robin (one repeat of every row, then the next round), so
     a change in the machine's load during the run hits every row alike, the floor included.
-    The heavy rows (Score-CAM, occlusion) likewise, each repeat followed by one of the plain
-    forwards it is compared to.
+    The heavy rows (Score-CAM, occlusion) likewise, each repeat between two runs of the
+    plain forwards it is compared to.
     """
     ctx = build_context(setting, device)
     batch = ctx.x.shape[0]
@@ -349,29 +352,38 @@ def run_setting(
     for row, _ in live:
         row.images, row.seconds = batch, statistics.median(times[id(row)])
 
-    # Heavy rows round-robin too, each repeat of a row next to its plain-forward reference.
-    samples: dict[int, tuple[list[float], list[float]]] = {id(row): ([], []) for row, _ in heavy}
+    # Heavy rows round-robin too. Per round and kind, the plain forwards are timed before
+    # the first row and after every row; each row is compared to the mean of the two runs
+    # of the forwards around it, so the machine's drift over the minutes of a round cancels
+    # (a separate reference a few minutes away differed by up to 23% on this machine).
+    samples: dict[int, list[tuple[float, float]]] = {id(row): [] for row, _ in heavy}
     live = list(heavy)
+    kinds = list(dict.fromkeys(row.kind for row, _ in heavy))
     for rep in range(budget.heavy_repeats):  # the first of many chunks is the warm-up
-        for row, call in list(live):
-            n = subset_size(ctx, row.kind, budget)
-            log(f"  {tag}: {row.method} [{row.impl}] on {n} image(s), repeat {rep + 1}")
+        for kind in kinds:
+            n = subset_size(ctx, kind, budget)
             x, t = ctx.x[:n], ctx.target[:n]
-            reference = plain_forwards(ctx, masked_per_image(ctx, row.kind))
-            try:
-                method_s = timed(partial(call, x, t), device)
-            except Exception as exc:
-                row.note = _error(exc)
-                live.remove((row, call))
-                continue
-            samples[id(row)][0].append(method_s)
-            samples[id(row)][1].append(timed(partial(reference, x, t), device))
+            reference = partial(plain_forwards(ctx, masked_per_image(ctx, kind)), x, t)
+            log(f"  {tag}: plain forwards for {kind} on {n} image(s), repeat {rep + 1}")
+            before = timed(reference, device)
+            for row, call in [(r, c) for r, c in live if r.kind == kind]:
+                log(f"  {tag}: {row.method} [{row.impl}] on {n} image(s), repeat {rep + 1}")
+                try:
+                    method_s = timed(partial(call, x, t), device)
+                except Exception as exc:
+                    row.note = _error(exc)
+                    live.remove((row, call))
+                    continue
+                after = timed(reference, device)
+                samples[id(row)].append((method_s, (before + after) / 2))
+                before = after
     for row, _ in live:
         n = subset_size(ctx, row.kind, budget)
-        method_s, forward_s = samples[id(row)]
+        pairs = samples[id(row)]
         row.images = n
-        row.seconds = statistics.median(method_s) * batch / n
-        row.forwards = statistics.median(forward_s) * batch / n
+        row.seconds = statistics.median(m for m, _ in pairs) * batch / n
+        row.forwards = statistics.median(f for _, f in pairs) * batch / n
+        row.paired = statistics.median(m / f for m, f in pairs)
         if n < batch:
             row.note = f"timed on {n} of {batch} images, scaled x{batch / n:g}"
     return ctx, rows
@@ -399,7 +411,7 @@ def setting_table(setting: Setting, ctx: Context, rows: list[Row]) -> str:
     for row in rows:
         per_image = None if row.seconds is None else row.seconds / setting.batch
         ratio = None if row.seconds is None or not floor else row.seconds / floor
-        fwd = None if row.seconds is None or not row.forwards else row.seconds / row.forwards
+        fwd = None if row.seconds is None else row.paired
         lines.append(
             f"| {row.method} | {row.impl} | {row.images} | {_fmt(row.seconds)} | {_fmt(per_image)} "
             f"| {_fmt(ratio)} | {_fmt(fwd)} | {row.note} |"
@@ -407,8 +419,13 @@ def setting_table(setting: Setting, ctx: Context, rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _row(rows: list[Row], method: str, impl: str) -> Row | None:
+    return next((r for r in rows if r.method == method and r.impl == impl), None)
+
+
 def _seconds(rows: list[Row], method: str, impl: str) -> float | None:
-    return next((r.seconds for r in rows if r.method == method and r.impl == impl), None)
+    row = _row(rows, method, impl)
+    return None if row is None else row.seconds
 
 
 def target_checks(setting: Setting, rows: list[Row]) -> list[str]:
@@ -429,13 +446,15 @@ def target_checks(setting: Setting, rows: list[Row]) -> list[str]:
         check("Grad-CAM / floor", ours_gradcam / floor, 1.1)
     if ours_gradcam and one_pass:
         check("five gradient CAMs, one pass / one Grad-CAM", one_pass / ours_gradcam, 1.3)
+    # Each heavy row is measured against the plain forwards timed around it; two rows of a
+    # method compare through those ratios, which the drift between their times cancels.
     for method, rival in (("scorecam", "torchcam ScoreCAM"), ("occlusion", "captum Occlusion")):
-        row = next((r for r in rows if r.method == method and r.impl == "ours"), None)
-        if row and row.seconds and row.forwards:
-            check(f"{method} / its forwards", row.seconds / row.forwards, 1.1)
-            theirs = _seconds(rows, method, rival)
-            if theirs:
-                check(f"{method} / {rival}", row.seconds / theirs, 1.0)
+        ours_row = _row(rows, method, "ours")
+        if ours_row and ours_row.seconds and ours_row.paired:
+            check(f"{method} / its forwards", ours_row.paired, 1.1)
+            theirs = _row(rows, method, rival)
+            if theirs and theirs.seconds and theirs.paired:
+                check(f"{method} / {rival}", ours_row.paired / theirs.paired, 1.0)
     return out
 
 
@@ -464,10 +483,11 @@ def report(
         f"- timing: median of {budget.repeats} repeats after {budget.warmup} warm-up round(s), rows "
         "timed round-robin; rows with many forwards (Score-CAM, occlusion): median of "
         f"{budget.heavy_repeats}, on at most {budget.heavy_images} masked images per repeat, "
-        "scaled to the batch, alternating with the plain forwards they are compared to",
+        "scaled to the batch, each between two runs of the plain forwards they are compared to",
         "- x floor: time / (1 forward + 1 backward to the input, same model and batch). "
-        "x forwards needed: time / (plain forwards of the clean batch and of its masked images "
-        "in the same chunk size).",
+        "x forwards needed: median over repeats of time / (plain forwards of the clean batch "
+        "and of its masked images in the same chunk size, the mean of the runs just before "
+        "and after); a method against a rival: the ratio of their x forwards needed.",
         "",
     ]
     body, checks = [], []

@@ -11,6 +11,7 @@ tensor (B,) of class indices. Options are keyword-only with safe defaults.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,6 +72,16 @@ def upsample(layer_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(layer_maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[
         :, 0
     ]
+
+
+def image_runs(start: int, stop: int, per_image: int) -> Iterator[tuple[int, slice]]:
+    """Rows ``start:stop`` of an image-major stream of ``per_image`` rows per image, as
+    (image, the rows of the chunk that belong to it): a chunk builds each image's rows by
+    broadcasting that image into its slice of a reused buffer, without gathering copies."""
+    for image in range(start // per_image, (stop - 1) // per_image + 1):
+        a = max(start, image * per_image) - start
+        b = min(stop, (image + 1) * per_image) - start
+        yield image, slice(a, b)
 
 
 def check_inputs(x: torch.Tensor, target: torch.Tensor | int | list[int]) -> torch.Tensor:

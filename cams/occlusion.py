@@ -10,9 +10,10 @@ the target logit. Captum returns that value on every channel (B, C, H, W); this 
 SUM over channels, i.e. C times the per-pixel mean.
 
 All windows of all images form one stream of perturbed inputs, regrouped into forwards of
-``batch_size`` images under ``torch.inference_mode()``; each chunk is built by broadcasting
-(no Python loop per window). Windows are separable (row band x column band), so the
-per-pixel averaging is two small matrix products instead of one mask per window.
+``batch_size`` images under ``torch.inference_mode()``; each chunk is built in one reused
+buffer by broadcasting (no Python loop per window). Windows are separable (row band x
+column band), so the per-pixel averaging is two small matrix products instead of one mask
+per window.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from benchmarks.errors import UserError
-from cams.base import METHODS, Explanation, check_inputs, check_target_range
+from cams.base import METHODS, Explanation, check_inputs, check_target_range, image_runs
 
 
 def pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -102,15 +103,21 @@ def occlusion(
         check_target_range(target, clean.shape[1])
         base_score = clean.gather(1, target[:, None])[:, 0]
         drops = torch.empty(batch * n_windows, dtype=clean.dtype, device=x.device)
-        # One stream of (image, window) pairs, image-major, cut into forwards of batch_size.
+        # One stream of (image, window) pairs, image-major, cut into forwards of batch_size;
+        # the perturbed images of a chunk are written into one reused buffer.
+        inputs = x.new_empty((min(batch_size, batch * n_windows), *x.shape[1:]))
         for start in range(0, batch * n_windows, batch_size):
-            idx = torch.arange(start, min(start + batch_size, batch * n_windows), device=x.device)
+            stop = min(start + batch_size, batch * n_windows)
+            idx = torch.arange(start, stop, device=x.device)
             img, win_idx = idx // n_windows, idx % n_windows
             covered = (
                 rows[win_idx // n_w][:, :, None] & cols[win_idx % n_w][:, None, :]
             )  # (n, H, W)
-            perturbed = torch.where(covered[:, None], fill, x[img])
-            score = model(perturbed).gather(1, target[img][:, None])[:, 0]
+            chunk = inputs[: stop - start]
+            for i, part in image_runs(start, stop, n_windows):
+                chunk[part] = x[i : i + 1]
+            chunk.masked_fill_(covered[:, None], fill)
+            score = model(chunk).gather(1, target[img][:, None])[:, 0]
             drops[idx] = base_score[img] - score
         drops = drops.reshape(batch, n_h, n_w)
         rows_f, cols_f = rows.to(drops.dtype), cols.to(drops.dtype)
