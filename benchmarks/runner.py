@@ -360,9 +360,11 @@ def run_group(spec: GroupSpec) -> GroupResult:
                             }
                         )
                     )
-                c = counts.setdefault((m.label, k.label), [0, 0])
+                c = counts.setdefault((m.label, k.label), [0, 0, ""])
                 c[0] += kept_any
                 c[1] += excluded
+                if excluded and scores.unscored:
+                    c[2] = scores.unscored
     bar.close()
 
     cells = []
@@ -371,8 +373,9 @@ def run_group(spec: GroupSpec) -> GroupResult:
             if (m.label, k.label) in status:
                 cells.append(status[(m.label, k.label)])
             else:
-                n, excl = counts.get((m.label, k.label), [0, 0])
-                reason = f"{excl} image(s) not scored by the metric" if excl else ""
+                n, excl, why = counts.get((m.label, k.label), [0, 0, ""])
+                reason = f"{excl} image(s) not scored: {why or 'the metric gave no value'}"
+                reason = reason if excl else ""
                 cells.append(
                     _cell(
                         mc.label,

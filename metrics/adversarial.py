@@ -163,7 +163,8 @@ def prediction_attack(
             "flipped": (~kept).astype(np.float64),
             "map_shift": np.where(kept, np.nan, shift),
             "to_new_class": to_new,
-        }
+        },
+        unscored="the attack did not flip the prediction (flipped_only)" if flipped_only else "",
     )
 
 
@@ -331,4 +332,7 @@ def explanation_attack(
         "map_shift": center_of_mass_distance(before, after),
     }
     values = {name: np.where(kept, v.cpu().numpy(), np.nan) for name, v in sims.items()}
-    return Scores(values={**values, "label_kept": kept.astype(np.float64)})
+    return Scores(
+        values={**values, "label_kept": kept.astype(np.float64)},
+        unscored="the attack changed the predicted class (an explanation attack must keep it)",
+    )

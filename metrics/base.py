@@ -64,10 +64,14 @@ class Scores:
         the metric does not score (for example a misclassified image under
         ``correct_only``); the runner drops it from the results and counts it.
     curves: name -> (B, T) float array, e.g. the score after each perturbation step.
+    unscored: why a sample whose ``value`` is NaN is not scored ("the predicted class
+        changed under the transform"); the runner puts it in the cell's reason beside the
+        count, so a cell with no image scored says why.
     """
 
     values: dict[str, np.ndarray]
     curves: dict[str, np.ndarray] = field(default_factory=dict)
+    unscored: str = ""
 
 
 @dataclass

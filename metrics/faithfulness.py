@@ -87,6 +87,9 @@ def _aopc(curve: np.ndarray) -> np.ndarray:
     return (curve[:, :1] - curve[:, 1:]).sum(axis=1) / curve.shape[1]
 
 
+MISCLASSIFIED = "misclassified (the entry scores correctly classified images only)"
+
+
 def _only_correct(ctx: MetricContext, values: np.ndarray) -> np.ndarray:
     wrong = (ctx.logits.argmax(1) != ctx.labels).cpu().numpy()
     return np.where(wrong, np.nan, values)
@@ -126,7 +129,7 @@ def _aopc_metric(order: Order):
         value = _aopc(curve)
         if correct_only:
             value = _only_correct(ctx, value)
-        return Scores(values={"value": value}, curves={order: curve})
+        return Scores(values={"value": value}, curves={order: curve}, unscored=MISCLASSIFIED)
 
     return metric
 
@@ -167,4 +170,6 @@ def abpc(
     value = (lerf - morf)[:, 1:].sum(axis=1) / morf.shape[1]
     if correct_only:
         value = _only_correct(ctx, value)
-    return Scores(values={"value": value}, curves={"morf": morf, "lerf": lerf})
+    return Scores(
+        values={"value": value}, curves={"morf": morf, "lerf": lerf}, unscored=MISCLASSIFIED
+    )

@@ -148,8 +148,12 @@ def _masks(ctx: MetricContext, which: str = "masks") -> torch.Tensor:
     return masks
 
 
-def _scores(value: torch.Tensor) -> Scores:
-    return Scores(values={"value": value.detach().cpu().numpy().astype(np.float64)})
+def _scores(value: torch.Tensor, which: str = "masks") -> Scores:
+    kind = "lesion" if which == "masks" else "organ"
+    return Scores(
+        values={"value": value.detach().cpu().numpy().astype(np.float64)},
+        unscored=f"the {kind} mask is empty (nothing to localize, e.g. a normal image)",
+    )
 
 
 @METRICS.register("pointing_game", kind="localization", higher_is_better=True, needs=("masks",))
@@ -187,4 +191,4 @@ def auprc(ctx: MetricContext) -> Scores:
 @METRICS.register("organ_mass", kind="localization", higher_is_better=True, needs=("organ_masks",))
 def organ_mass(ctx: MetricContext) -> Scores:
     """Share of the map's positive mass inside the organ mask (e.g. the lungs)."""
-    return _scores(mass_share(ctx.maps, _masks(ctx, "organ_masks")))
+    return _scores(mass_share(ctx.maps, _masks(ctx, "organ_masks")), "organ_masks")

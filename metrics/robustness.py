@@ -228,7 +228,8 @@ def stability(
             "value": values[similarity],
             **values,
             "prediction_kept": (~drop).astype(np.float64),
-        }
+        },
+        unscored=f"the predicted class changed under the {transform} transform",
     )
 
 
@@ -283,4 +284,7 @@ def max_sensitivity(
     ratio = torch.stack(ratios)  # (n_samples, B)
     value = np.fmax.reduce(ratio.cpu().numpy(), axis=0)  # ignores NaN draws; all NaN -> NaN
     value = np.where(denom.reshape(-1).cpu().numpy() > 0, value, np.nan)
-    return Scores(values={"value": value})
+    why = "the map is all zero (no relative change)"
+    if skip_changed:
+        why += ", or every draw changed the predicted class"
+    return Scores(values={"value": value}, unscored=why)

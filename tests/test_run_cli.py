@@ -258,6 +258,19 @@ def test_excluded_cells_are_recorded_with_the_suites_reason(tmp_path, cache, cap
     assert not ((rows["method"] == "gradcam") & (rows["metric"] == "aopc_morf")).any()
     board = (out / "leaderboard.md").read_text()
     assert "excluded [" in board and "excluded: too slow here" in board
+    # the normal images have empty lesion masks: the pointing game does not score them, and
+    # the cell says how many and why
+    aopc = rows[(rows["method"] == "cam") & (rows["metric"] == "aopc_morf")]
+    aopc = aopc[aopc["output"] == "value"]
+    normal = int((aopc["label"] == 0).sum())
+    game = cells.loc[("cam", "pointing_game")]
+    assert 0 < normal < len(aopc) and (game["n"], game["n_excluded"]) == (
+        len(aopc) - normal,
+        normal,
+    )
+    assert game["reason"] == f"{normal} image(s) not scored: the lesion mask is empty " + (
+        "(nothing to localize, e.g. a normal image)"
+    )
 
 
 def test_missing_real_data_is_skipped_and_named_or_an_error_with_strict(tmp_path, cache, capsys):
@@ -310,8 +323,11 @@ def test_train_on_overrides_one_model_on_one_dataset(tmp_path):
     assert pick(configs["resnet18", "synth-lesion"]) == (3, 3e-3, 64)  # the suite's [train]
     assert pick(configs["resnet18", "phantom"]) == (5, 3e-3, 64)
     for typo, match in [
-        ("train_on.synth-lesoin", r"\[models.gapcnn\] train_on.synth-lesoin: no dataset.*"
-         r"Did you mean: synth-lesion\?"),
+        (
+            "train_on.synth-lesoin",
+            r"\[models.gapcnn\] train_on.synth-lesoin: no dataset.*"
+            r"Did you mean: synth-lesion\?",
+        ),
         ("train_on.synth-lesion = { epoch = 2 }\n#", r"unknown key 'epoch'.*Did you mean: epochs"),
         ("train_on = 3\n#", r"train_on must be a table of tables"),
     ]:
