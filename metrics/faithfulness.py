@@ -129,7 +129,8 @@ def _aopc_metric(order: Order):
         value = _aopc(curve)
         if correct_only:
             value = _only_correct(ctx, value)
-        return Scores(values={"value": value}, curves={order: curve}, unscored=MISCLASSIFIED)
+        why = MISCLASSIFIED if correct_only else ""
+        return Scores(values={"value": value}, curves={order: curve}, unscored=why)
 
     return metric
 
@@ -170,6 +171,5 @@ def abpc(
     value = (lerf - morf)[:, 1:].sum(axis=1) / morf.shape[1]
     if correct_only:
         value = _only_correct(ctx, value)
-    return Scores(
-        values={"value": value}, curves={"morf": morf, "lerf": lerf}, unscored=MISCLASSIFIED
-    )
+    why = MISCLASSIFIED if correct_only else ""
+    return Scores(values={"value": value}, curves={"morf": morf, "lerf": lerf}, unscored=why)
