@@ -89,7 +89,6 @@ class Row:
     impl: str
     images: int
     seconds: float | None = None  # per batch, scaled from the subset when images < batch
-    forwards: float | None = None  # the forwards it needs, per batch, scaled the same way
     paired: float | None = None  # median of time / the forwards timed around it, per repeat
     note: str = ""
     kind: str = ""
@@ -382,7 +381,6 @@ def run_setting(
         pairs = samples[id(row)]
         row.images = n
         row.seconds = statistics.median(m for m, _ in pairs) * batch / n
-        row.forwards = statistics.median(f for _, f in pairs) * batch / n
         row.paired = statistics.median(m / f for m, f in pairs)
         if n < batch:
             row.note = f"timed on {n} of {batch} images, scaled x{batch / n:g}"
@@ -411,7 +409,7 @@ def setting_table(setting: Setting, ctx: Context, rows: list[Row]) -> str:
     for row in rows:
         per_image = None if row.seconds is None else row.seconds / setting.batch
         ratio = None if row.seconds is None or not floor else row.seconds / floor
-        fwd = None if row.seconds is None else row.paired
+        fwd = row.paired
         lines.append(
             f"| {row.method} | {row.impl} | {row.images} | {_fmt(row.seconds)} | {_fmt(per_image)} "
             f"| {_fmt(ratio)} | {_fmt(fwd)} | {row.note} |"
@@ -450,10 +448,10 @@ def target_checks(setting: Setting, rows: list[Row]) -> list[str]:
     # method compare through those ratios, which the drift between their times cancels.
     for method, rival in (("scorecam", "torchcam ScoreCAM"), ("occlusion", "captum Occlusion")):
         ours_row = _row(rows, method, "ours")
-        if ours_row and ours_row.seconds and ours_row.paired:
+        if ours_row and ours_row.paired:
             check(f"{method} / its forwards", ours_row.paired, 1.1)
             theirs = _row(rows, method, rival)
-            if theirs and theirs.seconds and theirs.paired:
+            if theirs and theirs.paired:
                 check(f"{method} / {rival}", ours_row.paired / theirs.paired, 1.0)
     return out
 

@@ -374,8 +374,8 @@ def run_group(spec: GroupSpec) -> GroupResult:
                 cells.append(status[(m.label, k.label)])
             else:
                 n, excl, why = counts.get((m.label, k.label), [0, 0, ""])
-                reason = f"{excl} image(s) not scored: {why or 'the metric gave no value'}"
-                reason = reason if excl else ""
+                why = why or "the metric gave no value"
+                reason = f"{excl} image(s) not scored: {why}" if excl else ""
                 cells.append(
                     _cell(
                         mc.label,
