@@ -11,7 +11,8 @@ SUM over channels, i.e. C times the per-pixel mean.
 
 All windows of all images form one stream of perturbed inputs, regrouped into forwards of
 ``batch_size`` images under ``torch.inference_mode()``; each chunk is built in one reused
-buffer by broadcasting (no Python loop per window). Windows are separable (row band x
+buffer (channels-last on the CPU, see ``cams.base.input_buffer``) by broadcasting (no
+Python loop per window). Windows are separable (row band x
 column band), so the per-pixel averaging is two small matrix products instead of one mask
 per window.
 """
@@ -24,7 +25,14 @@ import torch
 from torch import nn
 
 from benchmarks.errors import UserError
-from cams.base import METHODS, Explanation, check_inputs, check_target_range, image_runs
+from cams.base import (
+    METHODS,
+    Explanation,
+    check_inputs,
+    check_target_range,
+    image_runs,
+    input_buffer,
+)
 
 
 def pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -105,7 +113,7 @@ def occlusion(
         drops = torch.empty(batch * n_windows, dtype=clean.dtype, device=x.device)
         # One stream of (image, window) pairs, image-major, cut into forwards of batch_size;
         # the perturbed images of a chunk are written into one reused buffer.
-        inputs = x.new_empty((min(batch_size, batch * n_windows), *x.shape[1:]))
+        inputs = input_buffer(x, min(batch_size, batch * n_windows))
         for start in range(0, batch * n_windows, batch_size):
             stop = min(start + batch_size, batch * n_windows)
             idx = torch.arange(start, stop, device=x.device)

@@ -18,7 +18,9 @@ is the paper's ``skimage.transform.resize(order=1, mode="reflect")``: half-pixel
 mirror reflection at the edges.
 
 The (mask, image) pairs form one stream, regrouped into forwards of ``batch_size`` images
-under ``torch.inference_mode()``; masks are built per chunk, never all N at once.
+under ``torch.inference_mode()``; masks are built per chunk, never all N at once, and the
+masked images written into one reused buffer (channels-last on the CPU, see
+``cams.base.input_buffer``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from benchmarks.errors import UserError
-from cams.base import METHODS, Explanation, check_inputs, check_target_range
+from cams.base import METHODS, Explanation, check_inputs, check_target_range, input_buffer
 
 
 def interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -126,6 +128,7 @@ def rise(
     # float64 sums: N terms per pixel, summed in the same order for any batch_size.
     saliency = torch.zeros((batch, *size), dtype=torch.float64, device=x.device)
     with torch.inference_mode():
+        inputs = input_buffer(x, min(batch_size, total))
         # One stream of (mask, image) pairs, mask-major, so a chunk needs few distinct masks.
         for start in range(0, total, batch_size):
             idx = torch.arange(start, min(start + batch_size, total), device=x.device)
@@ -133,7 +136,8 @@ def rise(
             first = int(mask_idx[0])
             chunk_masks = masks.build(torch.arange(first, int(mask_idx[-1]) + 1, device=x.device))
             m = chunk_masks[mask_idx - first]  # (n, H, W)
-            logits = model(x[img] * m[:, None].to(x.dtype))
+            chunk = torch.mul(x[img], m[:, None].to(x.dtype), out=inputs[: len(idx)])
+            logits = model(chunk)
             if start == 0:
                 check_target_range(target, logits.shape[1])
             out = logits.softmax(dim=1) if score == "probability" else logits

@@ -22,7 +22,8 @@ paper's baseline term f(X_b) is not subtracted there either).
 The (image, channel) pairs form one stream of masked inputs, regrouped into forwards of
 ``batch_size`` images under ``torch.inference_mode()``; masks are built per chunk and the
 masked images written into one buffer reused by every chunk (at 224 px a chunk of 64 is
-38 MB, which the allocator would otherwise map and fault in afresh for every forward).
+38 MB, which the allocator would otherwise map and fault in afresh for every forward),
+channels-last on the CPU (``cams.base.input_buffer``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from cams.base import (
     check_inputs,
     check_target_range,
     image_runs,
+    input_buffer,
     upsample,
 )
 from cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
@@ -117,7 +119,7 @@ def scorecam(
     with torch.inference_mode():
         # One stream of (image, channel) pairs, image-major, cut into forwards of batch_size;
         # the masked images of a chunk are written into one reused buffer.
-        inputs = x.new_empty((min(batch_size, total), *x.shape[1:]))
+        inputs = input_buffer(x, min(batch_size, total))
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
             idx = torch.arange(start, stop, device=x.device)
