@@ -203,8 +203,15 @@ def blocks(
                 f"{c}: P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f}"
                 for c, v in rep.get("classes", {}).items()
             )
+            val = rep.get("val")
+            val_text = (
+                f", validation accuracy {val['accuracy']:.3f} (n={val.get('n', '?')})"
+                if isinstance(val, dict) and "accuracy" in val
+                else ""
+            )
             report = (
-                f"Model: test accuracy {rep['accuracy']:.3f} (n={rep.get('n', '?')}); {per_class}."
+                f"Model: test accuracy {rep['accuracy']:.3f} (n={rep.get('n', '?')}){val_text}; "
+                f"{per_class}."
             )
         out.append(Block(dataset, model, metrics, rows, report))
     return out
@@ -268,8 +275,9 @@ def to_markdown(
 def model_comparison(
     table: pd.DataFrame, reports: dict[str, dict] | None, metric: str
 ) -> list[str]:
-    """Markdown: per dataset, each model's test accuracy, macro recall and macro F1 beside
-    its mean ``metric`` per method (the X-ray study's model comparison)."""
+    """Markdown: per dataset, each model's test accuracy, macro recall and macro F1 (and its
+    validation accuracy, "-" where there is none) beside its mean ``metric`` per method (the
+    X-ray study's model comparison)."""
     if not reports:
         return []
     sub = table[(table["metric"] == metric) & (table["status"] == "ok")]
@@ -292,8 +300,10 @@ def model_comparison(
                     & (sub["method"] == method)
                 ]
                 cells.append(_fmt(hit["mean"].iloc[0]) if len(hit) else "n/a")
+            val = rep.get("val")
+            val_acc = f"{val['accuracy']:.3f}" if isinstance(val, dict) and "accuracy" in val else "-"
             rows.append(
-                f"| {model} | {rep['accuracy']:.3f} | {recall:.3f} | {f1:.3f} | "
+                f"| {model} | {rep['accuracy']:.3f} | {recall:.3f} | {f1:.3f} | {val_acc} | "
                 + " | ".join(cells)
                 + " |"
             )
@@ -301,10 +311,10 @@ def model_comparison(
             lines += [
                 f"### {dataset}",
                 "",
-                "| model | accuracy | macro recall | macro F1 | "
+                "| model | accuracy | macro recall | macro F1 | validation accuracy | "
                 + " | ".join(f"{metric}: {m}" for m in methods)
                 + " |",
-                "|---" * (4 + len(methods)) + "|",
+                "|---" * (5 + len(methods)) + "|",
                 *rows,
                 "",
             ]

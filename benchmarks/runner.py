@@ -183,6 +183,14 @@ def run_group(spec: GroupSpec) -> GroupResult:
         )
 
     device = torch.device(spec.device)
+    try:  # the validation report is information: a dataset without that split goes without
+        val_set = (
+            eval_set
+            if suite.eval.split == "val"
+            else load_dataset(dc, "val", seed=suite.seed, data_root=spec.data_root)
+        )
+    except UserError:
+        val_set = None
     trained = get_trained_model(
         mc.use,
         dc.use,
@@ -190,6 +198,7 @@ def run_group(spec: GroupSpec) -> GroupResult:
         test_set=eval_set
         if suite.eval.split == "test"
         else load_dataset(dc, "test", seed=suite.seed, data_root=spec.data_root),
+        val_set=val_set,
         dataset_options=builder_options(dc, "datasets"),
         config=train_config(suite, mc, dc),
         seed=suite.seed,

@@ -221,12 +221,27 @@ def train(
     model.to(memory_format=torch.contiguous_format).eval()
 
 
-def _evaluate(model: nn.Module, test_set: ImageDataset, device: str) -> dict[str, Any]:
-    test_images, test_labels = stack(test_set)
-    y_pred = predict(model, test_images, device=device).numpy()
-    report = classification_report(test_labels.numpy(), y_pred, tuple(test_set.class_names))
-    report.update(split="test", n=len(y_pred))
+def _evaluate(
+    model: nn.Module, dataset: ImageDataset, device: str, split: str = "test"
+) -> dict[str, Any]:
+    images, labels = stack(dataset)
+    y_pred = predict(model, images, device=device).numpy()
+    report = classification_report(labels.numpy(), y_pred, tuple(dataset.class_names))
+    report.update(split=split, n=len(y_pred))
     return report
+
+
+def _with_validation(
+    report: dict[str, Any], model: nn.Module, val_set: ImageDataset | None, device: str
+) -> bool:
+    """Add the validation split's report under ``"val"`` if there is one and it is missing
+    (reports cached before it was recorded get it on their next load); True if added.
+
+    Settings such as the epochs are to be chosen on it: the test split is for reporting."""
+    if val_set is None or "val" in report:
+        return False
+    report["val"] = _evaluate(model, val_set, device, split="val")
+    return True
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, *, what: str) -> None:
@@ -263,6 +278,7 @@ def get_trained_model(
     *,
     train_set: ImageDataset,
     test_set: ImageDataset,
+    val_set: ImageDataset | None = None,
     dataset_options: dict,
     config: TrainConfig = TrainConfig(),
     seed: int = 0,
@@ -273,8 +289,9 @@ def get_trained_model(
 ) -> TrainedModel:
     """The trained model from the cache, or trained now and cached; in eval mode on ``device``.
 
-    ``checkpoint``: the user's own weights for this zoo model; nothing is trained or cached,
-    the report is computed on the test split.
+    The report is the test split's classification report, with the validation split's
+    under ``"val"`` when ``val_set`` is given. ``checkpoint``: the user's own weights for
+    this zoo model; nothing is trained or cached, the reports are computed afresh.
     """
     model_options = model_options or {}
 
@@ -295,6 +312,7 @@ def get_trained_model(
         model.to(device).eval()
         report = _evaluate(model, test_set, device)
         report.update(model=model_name, dataset=dataset_name, checkpoint=str(checkpoint))
+        _with_validation(report, model, val_set, device)
         return TrainedModel(model, report, Path(checkpoint))
 
     key = cache_key(
@@ -311,7 +329,13 @@ def get_trained_model(
         try:
             load_checkpoint(model, ckpt, what=f"cached model {model_name} on {dataset_name}")
             report = json.loads(report_path.read_text())
-            return TrainedModel(model.to(device).eval(), report, ckpt)
+            model.to(device).eval()
+            if _with_validation(report, model, val_set, device):
+                try:
+                    _write_report(report_path, report)
+                except OSError as exc:  # a read-only cache still serves its models
+                    print(f"warning: could not update {report_path}: {exc}", file=sys.stderr)
+            return TrainedModel(model, report, ckpt)
         except (UserError, ValueError) as exc:  # a damaged cache entry is retrained, loudly
             print(f"warning: {exc}; retraining", file=sys.stderr)
             model = fresh()
@@ -338,8 +362,13 @@ def get_trained_model(
         seed=seed,
         train=asdict(config),
     )
+    _with_validation(report, model, val_set, device)
     _atomic_write(
         ckpt, lambda p: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, p)
     )
-    _atomic_write(report_path, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    _write_report(report_path, report)
     return TrainedModel(model.eval(), report, ckpt)
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(report, indent=2)))

@@ -120,3 +120,30 @@ def test_damaged_cache_entry_is_retrained(tmp_path, capsys):
     assert "retraining" in capsys.readouterr().err
     for k, v in reference.items():
         assert torch.equal(again.model.state_dict()[k], v), k
+
+
+def test_validation_report_is_recorded_and_added_to_older_cached_reports(tmp_path):
+    """The report carries the validation split's accuracy (for choosing settings such as the
+    epochs without looking at the test split), checked against the model's own predictions;
+    a report cached before it was recorded gets it on its next load, written back."""
+    import json
+
+    val = DATASETS.get("synth-lesion").obj("val", seed=0, n=40)
+    trained = train(tmp_path, cache="a", val_set=val)
+    with torch.inference_mode():
+        pred = trained.model(val.images).argmax(1)
+    assert trained.report["val"]["split"] == "val" and trained.report["val"]["n"] == 40
+    assert trained.report["val"]["accuracy"] == pytest.approx(
+        (pred == val.labels).float().mean().item()
+    )
+    assert trained.report["split"] == "test"  # the top level stays the test report
+
+    path = trained.checkpoint.with_suffix(".report.json")
+    older = {k: v for k, v in json.loads(path.read_text()).items() if k != "val"}
+    path.write_text(json.dumps(older))
+    mtime = trained.checkpoint.stat().st_mtime_ns
+    hit = train(tmp_path, cache="a", val_set=val)
+    assert hit.checkpoint.stat().st_mtime_ns == mtime  # loaded, not retrained
+    assert hit.report["val"] == trained.report["val"]
+    assert json.loads(path.read_text())["val"] == trained.report["val"]
+    assert "val" not in train(tmp_path, cache="b").report  # no validation set, no entry
