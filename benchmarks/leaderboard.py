@@ -301,7 +301,9 @@ def model_comparison(
                 ]
                 cells.append(_fmt(hit["mean"].iloc[0]) if len(hit) else "n/a")
             val = rep.get("val")
-            val_acc = f"{val['accuracy']:.3f}" if isinstance(val, dict) and "accuracy" in val else "-"
+            val_acc = (
+                f"{val['accuracy']:.3f}" if isinstance(val, dict) and "accuracy" in val else "-"
+            )
             rows.append(
                 f"| {model} | {rep['accuracy']:.3f} | {recall:.3f} | {f1:.3f} | {val_acc} | "
                 + " | ".join(cells)
