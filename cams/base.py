@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from benchmarks.registry import Registry
 
@@ -92,6 +93,30 @@ def forward_layout(device: torch.device) -> torch.memory_format:
     densenet121, 96 and 224 px; ``benchmarks/perf_methods.py``) with logits equal to 1e-6.
     Contiguous elsewhere, where that was not measured."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+class ForwardInLayout:
+    """``model(batch)`` for batches in ``forward_layout``, falling back to contiguous ones for
+    a model that cannot take channels-last inputs (a ``.view(n, -1)`` of a convolution's
+    output, say): the first batch that fails is run again contiguous, and if that works,
+    every later batch of this object is made contiguous first. A model that fails in both
+    layouts raises its own error."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.channels_last_ok = True
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.is_contiguous():
+            return self.model(batch)
+        if self.channels_last_ok:
+            try:
+                return self.model(batch)
+            except RuntimeError:
+                out = self.model(batch.contiguous())  # raises if the model cannot run at all
+                self.channels_last_ok = False
+                return out
+        return self.model(batch.contiguous())
 
 
 def input_buffer(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from benchmarks.errors import UserError
 from cams.base import (
     METHODS,
     Explanation,
+    ForwardInLayout,
     check_inputs,
     check_target_range,
     image_runs,
@@ -114,6 +115,7 @@ def occlusion(
         # One stream of (image, window) pairs, image-major, cut into forwards of batch_size;
         # the perturbed images of a chunk are written into one reused buffer.
         inputs = input_buffer(x, min(batch_size, batch * n_windows))
+        forward = ForwardInLayout(model)
         for start in range(0, batch * n_windows, batch_size):
             stop = min(start + batch_size, batch * n_windows)
             idx = torch.arange(start, stop, device=x.device)
@@ -125,7 +127,7 @@ def occlusion(
             for i, part in image_runs(start, stop, n_windows):
                 chunk[part] = x[i : i + 1]
             chunk.masked_fill_(covered[:, None], fill)
-            score = model(chunk).gather(1, target[img][:, None])[:, 0]
+            score = forward(chunk).gather(1, target[img][:, None])[:, 0]
             drops[idx] = base_score[img] - score
         drops = drops.reshape(batch, n_h, n_w)
         rows_f, cols_f = rows.to(drops.dtype), cols.to(drops.dtype)

@@ -33,7 +33,14 @@ import torch
 from torch import nn
 
 from benchmarks.errors import UserError
-from cams.base import METHODS, Explanation, check_inputs, check_target_range, input_buffer
+from cams.base import (
+    METHODS,
+    Explanation,
+    ForwardInLayout,
+    check_inputs,
+    check_target_range,
+    input_buffer,
+)
 
 
 def interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -129,6 +136,7 @@ def rise(
     saliency = torch.zeros((batch, *size), dtype=torch.float64, device=x.device)
     with torch.inference_mode():
         inputs = input_buffer(x, min(batch_size, total))
+        forward = ForwardInLayout(model)
         # One stream of (mask, image) pairs, mask-major, so a chunk needs few distinct masks.
         for start in range(0, total, batch_size):
             idx = torch.arange(start, min(start + batch_size, total), device=x.device)
@@ -137,7 +145,7 @@ def rise(
             chunk_masks = masks.build(torch.arange(first, int(mask_idx[-1]) + 1, device=x.device))
             m = chunk_masks[mask_idx - first]  # (n, H, W)
             chunk = torch.mul(x[img], m[:, None].to(x.dtype), out=inputs[: len(idx)])
-            logits = model(chunk)
+            logits = forward(chunk)
             if start == 0:
                 check_target_range(target, logits.shape[1])
             out = logits.softmax(dim=1) if score == "probability" else logits

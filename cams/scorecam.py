@@ -38,6 +38,7 @@ from benchmarks.errors import UserError
 from cams.base import (
     METHODS,
     Explanation,
+    ForwardInLayout,
     check_inputs,
     check_target_range,
     image_runs,
@@ -120,6 +121,7 @@ def scorecam(
         # One stream of (image, channel) pairs, image-major, cut into forwards of batch_size;
         # the masked images of a chunk are written into one reused buffer.
         inputs = input_buffer(x, min(batch_size, total))
+        forward = ForwardInLayout(model)
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
             idx = torch.arange(start, stop, device=x.device)
@@ -130,7 +132,7 @@ def scorecam(
             chunk = inputs[: stop - start]
             for i, rows in image_runs(start, stop, channels):
                 torch.mul(x[i : i + 1], masks[rows, None], out=chunk[rows])
-            out = model(chunk)
+            out = forward(chunk)
             if score == "probability":
                 out = out.softmax(dim=1)
             scores[idx] = out.gather(1, target[img][:, None])[:, 0].float()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.registry import Registry
-from cams.base import forward_layout
+from cams.base import ForwardInLayout, forward_layout
 
 Kind = Literal[
     "faithfulness", "localization", "robustness", "sanity", "adversarial", "cost", "complexity"
@@ -114,15 +114,16 @@ class MetricContext:
     def predict(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
         """Logits for a stream of input tensors, regrouped into forwards of ``batch_size`` images
         under ``torch.inference_mode()`` in ``cams.base.forward_layout`` (channels-last on the
-        CPU); returns them concatenated in order."""
+        CPU, contiguous for a model that cannot take that); returns them concatenated in
+        order."""
         out: list[torch.Tensor] = []
-        layout = forward_layout(self.device)
+        layout, forward = forward_layout(self.device), ForwardInLayout(self.model)
         with torch.inference_mode():
             for chunk in rebatch(batches, self.batch_size):
                 chunk = chunk.to(self.device)
                 if chunk.dim() == 4:
                     chunk = chunk.contiguous(memory_format=layout)
-                out.append(self.model(chunk))
+                out.append(forward(chunk))
         return torch.cat(out) if out else torch.empty(0)
 
 

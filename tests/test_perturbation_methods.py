@@ -445,3 +445,67 @@ def test_registered_metadata(name):
     assert info.cost and "F" in info.cost
     assert info.family == ("perturbation" if name in ("occlusion", "rise") else "cam")
     assert info.randomized == (name in ("rise", "smooth_gradcampp"))
+
+
+class ViewHead(SmallCNN):
+    """SmallCNN flattened by ``.view``, which fails on a channels-last feature map: the model
+    cannot take the channels-last batches the forward-only methods build on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(12 * 16 * 16, 5)
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.head(f.view(f.shape[0], -1))
+
+
+class ReshapeHead(ViewHead):
+    def forward(self, x):
+        f = self.features(x)
+        return self.head(f.reshape(f.shape[0], -1))
+
+
+@pytest.mark.parametrize("name", ["scorecam", "occlusion", "rise"])
+def test_a_model_that_cannot_take_channels_last_batches_still_works(name):
+    """The masked batches are channels-last on the CPU (``cams.base.input_buffer``); a model
+    whose ``.view`` cannot take them gets them contiguous, with the maps of the same model
+    written with ``.reshape`` (which takes either layout)."""
+    torch.manual_seed(0)
+    viewing = ViewHead().eval()
+    reshaping = ReshapeHead().eval()
+    reshaping.load_state_dict(viewing.state_dict())
+    x, target = batch()
+    with pytest.raises(RuntimeError):  # the premise: this model fails on channels-last input
+        viewing(x.contiguous(memory_format=torch.channels_last))
+    options = {"layer": "features", "batch_size": 7}
+    if name == "rise":
+        options["n_masks"] = 40
+    got = explain(name, viewing, x, target, **options).maps
+    want = explain(name, reshaping, x, target, **options).maps
+    scale = max(float(want.abs().max()), 1e-12)
+    torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-5)
+
+
+def test_metric_forwards_take_a_model_that_cannot_take_channels_last_batches():
+    """``MetricContext.predict`` runs its chunks channels-last on the CPU, contiguous for a
+    model that cannot take that, with the logits of a direct forward."""
+    from metrics.base import MetricContext
+
+    torch.manual_seed(0)
+    model = ViewHead().eval()
+    x, target = batch()
+    ctx = MetricContext(
+        model=model,
+        x=x,
+        labels=target,
+        target=target,
+        maps=torch.zeros(x.shape[0], 32, 32),
+        logits=model(x).detach(),
+        ids=[str(i) for i in range(len(x))],
+        batch_size=3,
+    )
+    got = ctx.predict([x, x.flip(-1)])
+    with torch.inference_mode():
+        want = torch.cat([model(x), model(x.flip(-1))])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
