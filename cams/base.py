@@ -89,9 +89,10 @@ def forward_layout(device: torch.device) -> torch.memory_format:
     """The memory layout for batches of images that only go forward through a model.
 
     Channels-last on the CPU: oneDNN convolutions then skip reordering every layer's input,
-    which makes inference forwards 1.35-1.4x faster on this project's CPU (resnet18 and
-    densenet121, 96 and 224 px; ``benchmarks/perf_methods.py``) with logits equal to 1e-6.
-    Contiguous elsewhere, where that was not measured."""
+    which makes inference forwards of a model in the default layout 1.2-1.4x faster on this
+    project's 2-core CPU (resnet18 and densenet121 at 96 and 224 px, the rows "forwards only,
+    channels-last" of ``benchmarks/perf_methods.py``), logits equal to 1e-6. Contiguous
+    elsewhere, where that was not measured."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
