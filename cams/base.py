@@ -97,23 +97,26 @@ def forward_layout(device: torch.device) -> torch.memory_format:
 
 
 class ForwardInLayout:
-    """``model(batch)`` for batches in ``forward_layout``, falling back to contiguous ones for
-    a model that cannot take channels-last inputs (a ``.view(n, -1)`` of a convolution's
-    output, say): the first batch that fails is run again contiguous, and if that works,
-    every later batch of this object is made contiguous first. A model that fails in both
-    layouts raises its own error."""
+    """``model(batch)`` with an image batch (B, C, H, W) in ``forward_layout``, falling back
+    to contiguous for a model that cannot take channels-last inputs (a ``.view(n, -1)`` of a
+    convolution's output, say): the first batch that fails is run again contiguous, and if
+    that works, every later batch of this object is made contiguous. A model that fails in
+    both layouts raises its own error. Other batches go to the model as they are."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.channels_last_ok = True
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.is_contiguous():
+        if batch.dim() != 4:
             return self.model(batch)
         if self.channels_last_ok:
+            laid_out = batch.contiguous(memory_format=forward_layout(batch.device))
             try:
-                return self.model(batch)
+                return self.model(laid_out)
             except RuntimeError:
+                if laid_out.is_contiguous():  # the layout was not the cause
+                    raise
                 out = self.model(batch.contiguous())  # raises if the model cannot run at all
                 self.channels_last_ok = False
                 return out

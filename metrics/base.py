@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.registry import Registry
-from cams.base import ForwardInLayout, forward_layout
+from cams.base import ForwardInLayout
 
 Kind = Literal[
     "faithfulness", "localization", "robustness", "sanity", "adversarial", "cost", "complexity"
@@ -117,13 +117,10 @@ class MetricContext:
         CPU, contiguous for a model that cannot take that); returns them concatenated in
         order."""
         out: list[torch.Tensor] = []
-        layout, forward = forward_layout(self.device), ForwardInLayout(self.model)
+        forward = ForwardInLayout(self.model)
         with torch.inference_mode():
             for chunk in rebatch(batches, self.batch_size):
-                chunk = chunk.to(self.device)
-                if chunk.dim() == 4:
-                    chunk = chunk.contiguous(memory_format=layout)
-                out.append(forward(chunk))
+                out.append(forward(chunk.to(self.device)))
         return torch.cat(out) if out else torch.empty(0)
 
 
