@@ -203,10 +203,10 @@ def blocks(
                 f"{c}: P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f}"
                 for c, v in rep.get("classes", {}).items()
             )
-            val = rep.get("val")
+            val = _validation(rep)
             val_text = (
                 f", validation accuracy {val['accuracy']:.3f} (n={val.get('n', '?')})"
-                if isinstance(val, dict) and "accuracy" in val
+                if val
                 else ""
             )
             report = (
@@ -272,6 +272,12 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _validation(report: dict) -> dict | None:
+    """A training report's validation report, if it has one with an accuracy."""
+    val = report.get("val")
+    return val if isinstance(val, dict) and "accuracy" in val else None
+
+
 def model_comparison(
     table: pd.DataFrame, reports: dict[str, dict] | None, metric: str
 ) -> list[str]:
@@ -300,10 +306,8 @@ def model_comparison(
                     & (sub["method"] == method)
                 ]
                 cells.append(_fmt(hit["mean"].iloc[0]) if len(hit) else "n/a")
-            val = rep.get("val")
-            val_acc = (
-                f"{val['accuracy']:.3f}" if isinstance(val, dict) and "accuracy" in val else "-"
-            )
+            val = _validation(rep)
+            val_acc = f"{val['accuracy']:.3f}" if val else "-"
             rows.append(
                 f"| {model} | {rep['accuracy']:.3f} | {recall:.3f} | {f1:.3f} | {val_acc} | "
                 + " | ".join(cells)

@@ -183,14 +183,15 @@ def run_group(spec: GroupSpec) -> GroupResult:
         )
 
     device = torch.device(spec.device)
-    try:  # the validation report is information: a dataset without that split goes without
-        val_set = (
-            eval_set
-            if suite.eval.split == "val"
-            else load_dataset(dc, "val", seed=suite.seed, data_root=spec.data_root)
-        )
-    except UserError:
-        val_set = None
+
+    def val_set():  # loaded only for a report that lacks it
+        if suite.eval.split == "val":
+            return eval_set
+        try:  # the validation report is information: a dataset without that split goes without
+            return load_dataset(dc, "val", seed=suite.seed, data_root=spec.data_root)
+        except UserError:
+            return None
+
     trained = get_trained_model(
         mc.use,
         dc.use,

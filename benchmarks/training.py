@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -231,16 +232,23 @@ def _evaluate(
     return report
 
 
+ValSet = ImageDataset | Callable[[], ImageDataset | None] | None
+
+
 def _with_validation(
-    report: dict[str, Any], model: nn.Module, val_set: ImageDataset | None, device: str
+    report: dict[str, Any], model: nn.Module, val_set: ValSet, device: str
 ) -> bool:
     """Add the validation split's report under ``"val"`` if there is one and it is missing
     (reports cached before it was recorded get it on their next load); True if added.
+    ``val_set`` may be a loader, called only then, so a cached report costs no loading.
 
     Settings such as the epochs are to be chosen on it: the test split is for reporting."""
     if val_set is None or "val" in report:
         return False
-    report["val"] = _evaluate(model, val_set, device, split="val")
+    dataset = val_set() if callable(val_set) else val_set
+    if dataset is None:
+        return False
+    report["val"] = _evaluate(model, dataset, device, split="val")
     return True
 
 
@@ -278,7 +286,7 @@ def get_trained_model(
     *,
     train_set: ImageDataset,
     test_set: ImageDataset,
-    val_set: ImageDataset | None = None,
+    val_set: ValSet = None,
     dataset_options: dict,
     config: TrainConfig = TrainConfig(),
     seed: int = 0,
@@ -290,7 +298,7 @@ def get_trained_model(
     """The trained model from the cache, or trained now and cached; in eval mode on ``device``.
 
     The report is the test split's classification report, with the validation split's
-    under ``"val"`` when ``val_set`` is given. ``checkpoint``: the user's own weights for
+    under ``"val"`` when ``val_set`` (a dataset, or a loader returning one or None) is given. ``checkpoint``: the user's own weights for
     this zoo model; nothing is trained or cached, the reports are computed afresh.
     """
     model_options = model_options or {}

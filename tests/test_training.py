@@ -146,4 +146,15 @@ def test_validation_report_is_recorded_and_added_to_older_cached_reports(tmp_pat
     assert hit.checkpoint.stat().st_mtime_ns == mtime  # loaded, not retrained
     assert hit.report["val"] == trained.report["val"]
     assert json.loads(path.read_text())["val"] == trained.report["val"]
+    calls = []  # given as a loader, the split is loaded only for a report that lacks it
+    path.write_text(json.dumps(older))
+    assert (
+        train(tmp_path, cache="a", val_set=lambda: calls.append(1) or val).report["val"]
+        == (trained.report["val"])
+    )
+    assert (
+        train(tmp_path, cache="a", val_set=lambda: calls.append(1) or val).report["val"]
+        == (trained.report["val"])
+    )
+    assert calls == [1]
     assert "val" not in train(tmp_path, cache="b").report  # no validation set, no entry
