@@ -27,9 +27,12 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.errors import UserError
-from benchmarks.executors import EXECUTORS, run_groups
-from benchmarks.leaderboard import (
+from benchmarks.core.errors import UserError
+from benchmarks.engine.executors import EXECUTORS, run_groups
+from benchmarks.engine.group import check_device, format_plan, group_specs, log, plan
+from benchmarks.engine.store import RunStore, atomic_write_parquet, atomic_write_text
+from benchmarks.engine.suite import available_suites, filter_suite, load_suite, registries
+from benchmarks.reports.leaderboard import (
     CSV_NAME,
     HOST_CSV_NAME,
     aggregate,
@@ -39,9 +42,6 @@ from benchmarks.leaderboard import (
     to_latex,
     to_markdown,
 )
-from benchmarks.runner import check_device, format_plan, group_specs, log, plan
-from benchmarks.store import RunStore, atomic_write_parquet, atomic_write_text
-from benchmarks.suite import available_suites, filter_suite, load_suite, registries
 
 LISTABLE = ("methods", "metrics", "datasets", "models", "suites")
 PACKAGES = (

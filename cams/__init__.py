@@ -7,7 +7,7 @@ method file needs no edit here. ``METHODS`` is the registry.
 import importlib
 import pkgutil
 
-from benchmarks.errors import NotApplicable
+from benchmarks.core.errors import NotApplicable
 from cams.base import METHODS, Explanation, MethodInfo
 
 for _mod in pkgutil.iter_modules(__path__):

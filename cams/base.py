@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.registry import Registry
+from benchmarks.core.registry import Registry
 
 Family = Literal["cam", "gradient", "perturbation", "baseline"]
 
@@ -91,7 +91,7 @@ def forward_layout(device: torch.device) -> torch.memory_format:
     Channels-last on the CPU: oneDNN convolutions then skip reordering every layer's input,
     which makes inference forwards of a model in the default layout 1.2-1.4x faster on this
     project's 2-core CPU (resnet18 and densenet121 at 96 and 224 px, the rows "forwards only,
-    channels-last" of ``benchmarks/perf_methods.py``), logits equal to 1e-6. Contiguous
+    channels-last" of ``benchmarks/perf/methods.py``), logits equal to 1e-6. Contiguous
     elsewhere, where that was not measured."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.errors import NotApplicable
+from benchmarks.core.errors import NotApplicable
 from cams.base import METHODS, Explanation, check_inputs, check_target_range, upsample
 from cams.hooks import attach_tap, model_guard, resolve_layer
 

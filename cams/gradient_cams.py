@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from cams.base import METHODS, Explanation, check_inputs, check_target_range, upsample
 from cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
 

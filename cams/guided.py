@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from benchmarks.errors import NotApplicable, UserError
+from benchmarks.core.errors import NotApplicable, UserError
 from cams.base import METHODS, Explanation, check_inputs, check_target_range
 from cams.gradient_cams import gradcam
 from cams.hooks import CapturePoint, model_guard

@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmarks.errors import UserError
-from benchmarks.registry import close_matches
+from benchmarks.core.errors import UserError
+from benchmarks.core.registry import close_matches
 
 CapturePoint = Literal["produced", "consumed"]
 

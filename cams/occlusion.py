@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from cams.base import (
     METHODS,
     Explanation,

@@ -21,7 +21,7 @@ import torch
 from captum.attr import IntegratedGradients, KernelShap, Lime, Saliency
 from torch import nn
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from cams.base import METHODS, Explanation, check_inputs, check_target_range
 from cams.baselines import image_generator
 from cams.hooks import model_guard

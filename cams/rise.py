@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from cams.base import (
     METHODS,
     Explanation,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from cams.base import METHODS, Explanation, check_inputs
 from cams.gradient_cams import _safe_div, _weighted, layer_gradient, to_explanation
 from cams.hooks import CapturePoint, resolve_layer

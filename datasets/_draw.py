@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from datasets.base import SPLITS, check_split
 
 Size = tuple[int, int]

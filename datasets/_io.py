@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from benchmarks.errors import DataNotFound, UserError
+from benchmarks.core.errors import DataNotFound, UserError
 
 DATA_ROOT_ENV = "CAMBENCH_DATA_ROOT"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from datasets._io import Fit, Record, Size, load_records
 from datasets.base import ArrayDataset, check_split
 

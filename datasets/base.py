@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
-from benchmarks.errors import UserError
-from benchmarks.registry import Registry
+from benchmarks.core.errors import UserError
+from benchmarks.core.registry import Registry
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from datasets._io import (
     DATA_ROOT_ENV,
     Record,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.errors import DataNotFound, UserError
+from benchmarks.core.errors import DataNotFound, UserError
 from datasets._io import DATA_ROOT_ENV, as_size, check_channels, locate, prepare_image
 from datasets.base import DATASETS, ImageDataset, check_split
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from datasets._draw import (
     Shape,
     blobs,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from datasets._io import (
     DATA_ROOT_ENV,
     Record,

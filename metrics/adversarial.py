@@ -52,7 +52,7 @@ from captum.robust import FGSM, PGD
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from cams.base import upsample
 from cams.hooks import attach_tap, model_guard, resolve_layer
 from metrics._similarity import (

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.registry import Registry
+from benchmarks.core.registry import Registry
 from cams.base import ForwardInLayout
 
 Kind = Literal[

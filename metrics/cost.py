@@ -35,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from benchmarks.errors import NotApplicable
+from benchmarks.core.errors import NotApplicable
 from metrics.base import METRICS, MetricContext, Scores
 
 

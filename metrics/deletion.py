@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from metrics.base import METRICS, MetricContext, Scores, class_score
 from metrics.faithfulness import region_ranks
 from metrics.perturbations import get_perturbation

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from metrics.base import METRICS, MetricContext, Scores, class_score
 from metrics.perturbations import get_perturbation
 

@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from benchmarks.errors import NotApplicable, UserError
+from benchmarks.core.errors import NotApplicable, UserError
 from metrics._binarize import Threshold, binarize
 from metrics.base import METRICS, MetricContext, Scores
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 
 Perturbation = Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]
 

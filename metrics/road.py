@@ -42,7 +42,7 @@ import torch
 from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import spsolve
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from metrics.base import METRICS, MetricContext, Scores, class_score
 from metrics.faithfulness import region_ranks
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.errors import NotApplicable, UserError
+from benchmarks.core.errors import NotApplicable, UserError
 from metrics._similarity import SIMILARITIES, spearman, ssim, ssim_or_nan, topk_intersection
 from metrics.base import METRICS, MetricContext, Scores, rebatch
 from metrics.perturbations import blur

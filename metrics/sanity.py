@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from metrics._similarity import spearman, ssim_or_nan
 from metrics.base import METRICS, MetricContext, Scores
 from metrics.robustness import explain_batched, require_explainer

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import vgg11
 
-from benchmarks.errors import NotApplicable
+from benchmarks.core.errors import NotApplicable
 from cams import METHODS
 
 pytestmark = pytest.mark.methods
@@ -196,13 +196,13 @@ def test_cam_not_applicable_without_gap_linear_head():
 
 def test_zoo_gapcnn_equivalence():
     try:
-        from benchmarks.zoo import MODELS, build_model
+        from benchmarks.models.zoo import MODELS, build_model
     except ImportError:
         pytest.skip(
-            "benchmarks.zoo is not written yet; the equivalence on a zoo model waits for it"
+            "benchmarks.models.zoo is not written yet; the equivalence on a zoo model waits for it"
         )
     if "gapcnn" not in MODELS:
-        pytest.skip("benchmarks.zoo has no 'gapcnn' model yet")
+        pytest.skip("benchmarks.models.zoo has no 'gapcnn' model yet")
     torch.manual_seed(0)
     model = build_model("gapcnn", in_channels=1, num_classes=2)
     # Random BN statistics, so eval-mode BN is not the identity.

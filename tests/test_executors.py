@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from pandas.testing import assert_frame_equal
 
-from benchmarks.errors import UserError
-from benchmarks.executors import GroupFailed, _task_cpus, run_groups
-from benchmarks.runner import group_specs
-from benchmarks.suite import Component, filter_suite, load_suite
+from benchmarks.core.errors import UserError
+from benchmarks.engine.executors import GroupFailed, _task_cpus, run_groups
+from benchmarks.engine.group import group_specs
+from benchmarks.engine.suite import Component, filter_suite, load_suite
 
 pytestmark = pytest.mark.harness
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,18 +155,20 @@ def test_user_error_keeps_its_type_and_other_errors_name_the_group(tmp_path, mon
     def bad_checkpoint(spec):
         raise UserError("model gapcnn: checkpoint 'x.pt' does not exist")
 
-    monkeypatch.setattr("benchmarks.executors.run_group", bad_checkpoint)
+    monkeypatch.setattr("benchmarks.engine.executors.run_group", bad_checkpoint)
     with pytest.raises(UserError, match=r"^model gapcnn: checkpoint 'x.pt' does not exist$"):
         list(run_groups([spec]))
 
     def broken(spec):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("benchmarks.executors.run_group", broken)
+    monkeypatch.setattr("benchmarks.engine.executors.run_group", broken)
     with pytest.raises(GroupFailed, match="group gapcnn x synth-lesion failed: ZeroDivisionError"):
         list(run_groups([spec]))
 
 
 def test_importing_the_executors_does_not_import_ray():
-    code = "import sys, benchmarks.executors; assert 'ray' not in sys.modules, 'ray imported'"
+    code = (
+        "import sys, benchmarks.engine.executors; assert 'ray' not in sys.modules, 'ray imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

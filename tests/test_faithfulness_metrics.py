@@ -16,7 +16,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from metrics.base import MetricContext
 from metrics.deletion import deletion, insertion, pixels_per_step
 from metrics.faithfulness import aopc_morf

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import benchmarks.figures as figures
-from benchmarks.errors import UserError
-from benchmarks.figures import (
+import benchmarks.reports.figures as figures
+from benchmarks.core.errors import UserError
+from benchmarks.engine.store import CELL_COLUMNS
+from benchmarks.reports.figures import (
     RunFolder,
     fig_cam_equivalence,
     main,
@@ -20,8 +21,7 @@ from benchmarks.figures import (
     pareto_front,
     running_aopc,
 )
-from benchmarks.leaderboard import aggregate, to_csv
-from benchmarks.store import CELL_COLUMNS
+from benchmarks.reports.leaderboard import aggregate, to_csv
 
 pytestmark = pytest.mark.harness
 
@@ -227,7 +227,7 @@ def test_cam_equivalence_of_real_maps_on_a_gap_model(tmp_path):
     # crossings (Grad-CAM upsamples after its ReLU: a mean of ReLUs >= the ReLU of a mean).
     import torch
 
-    from benchmarks.zoo import build_model
+    from benchmarks.models.zoo import build_model
     from cams import METHODS
 
     root = write_run(tmp_path / "run", curves=False)

@@ -26,7 +26,7 @@ from captum.attr import (
 )
 from torch import nn
 
-from benchmarks.errors import NotApplicable
+from benchmarks.core.errors import NotApplicable
 from cams import METHODS
 from cams.baselines import image_generator
 from cams.guided import modified_relu_attribution

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from cams import METHODS
 from cams.hooks import auto_layer_name, resolve_layer
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.errors import NotApplicable, UserError
+from benchmarks.core.errors import NotApplicable, UserError
 from metrics import METRICS, MetricContext
 from metrics._binarize import binarize, fraction_of_max_threshold, otsu_threshold
 

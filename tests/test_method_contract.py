@@ -23,7 +23,7 @@ import torch
 import torch.nn.modules.module as module_globals
 from torch import nn
 
-from benchmarks.errors import NotApplicable
+from benchmarks.core.errors import NotApplicable
 from cams import METHODS, Explanation
 from cams.hooks import auto_layer_name
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks.errors import DataNotFound, UserError
+from benchmarks.core.errors import DataNotFound, UserError
 from datasets import DATASETS
 from datasets._io import read_image
 from datasets.base import SPLITS

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from benchmarks import regress
-from benchmarks.leaderboard import aggregate
+from benchmarks.engine.suite import SUITES_DIR
+from benchmarks.reports.leaderboard import aggregate
 from benchmarks.run import main as run_main
-from benchmarks.suite import SUITES_DIR
 from cams import METHODS, Explanation
 
 pytestmark = pytest.mark.harness

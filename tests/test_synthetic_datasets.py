@@ -19,7 +19,7 @@ from skimage.draw import disk as sk_disk
 from skimage.draw import ellipse as sk_ellipse
 from sklearn.linear_model import LogisticRegression
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 from datasets import DATASETS, _draw
 from datasets import synth_cxr as cxr
 from datasets import synth_histo as histo

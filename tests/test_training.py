@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.training import TrainConfig, classification_report, get_trained_model
+from benchmarks.models.training import TrainConfig, classification_report, get_trained_model
 from datasets import DATASETS
 
 pytestmark = pytest.mark.harness
@@ -99,7 +99,7 @@ def test_user_checkpoint_is_loaded_not_trained(tmp_path):
     ],
 )
 def test_bad_user_checkpoint_is_one_clear_error(tmp_path, content, needle):
-    from benchmarks.errors import UserError
+    from benchmarks.core.errors import UserError
 
     path = tmp_path / "bad.pt"
     if isinstance(content, bytes):

@@ -23,11 +23,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.errors import DataNotFound, NotApplicable, UserError
-from benchmarks.store import CELL_COLUMNS, CURVE_COLUMNS, ROW_COLUMNS
-from benchmarks.suite import Component, Suite, builder_options, option_names, train_config
-from benchmarks.training import get_trained_model
-from benchmarks.zoo import MODELS
+from benchmarks.core.errors import DataNotFound, NotApplicable, UserError
+from benchmarks.engine.store import CELL_COLUMNS, CURVE_COLUMNS, ROW_COLUMNS
+from benchmarks.engine.suite import Component, Suite, builder_options, option_names, train_config
+from benchmarks.models.training import get_trained_model
+from benchmarks.models.zoo import MODELS
 from cams import METHODS
 from cams.gradient_cams import SharedPass
 from datasets import DATASETS

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from benchmarks.errors import UserError
-from benchmarks.zoo import MODELS, build_model
+from benchmarks.core.errors import UserError
+from benchmarks.models.zoo import MODELS, build_model
 from datasets.base import DATASETS, ImageDataset
 
 TRAINING_CODE_VERSION = 2  # 2: channels-last training
@@ -186,7 +186,7 @@ def train(
     """Seeded AdamW training with a one-cycle schedule and a progress bar.
 
     Trains in channels-last memory format (1.1-1.3x faster convolutions on CPU, measured in
-    ``benchmarks/perf_training.py``) and hands the model back in the default format, so a
+    ``benchmarks/perf/training.py``) and hands the model back in the default format, so a
     freshly trained model and one loaded from the cache compute bit-identical maps."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ A suite file::
 
     [eval]                           # see EvalConfig
     max_images = 32
-    [train]                          # see benchmarks.training.TrainConfig
+    [train]                          # see benchmarks.models.training.TrainConfig
     epochs = 8
 
     [models.gapcnn]                  # label = registry name unless `use` says otherwise
@@ -47,16 +47,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-from benchmarks.registry import Registry, close_matches
-from benchmarks.training import TrainConfig
+from benchmarks.core.registry import Registry, close_matches
+from benchmarks.models.training import TrainConfig
 
-SUITES_DIR = Path(__file__).parent / "suites"
+SUITES_DIR = Path(__file__).parents[1] / "suites"
 TOP_KEYS = (
     "name",
     "version",
@@ -190,7 +190,7 @@ class Suite:
 
 
 def registries() -> dict[str, Registry]:
-    from benchmarks.zoo import MODELS
+    from benchmarks.models.zoo import MODELS
     from cams import METHODS
     from datasets import DATASETS
     from metrics import METRICS

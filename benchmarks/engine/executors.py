@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.errors import UserError
-from benchmarks.runner import GroupResult, GroupSpec, run_group
+from benchmarks.core.errors import UserError
+from benchmarks.engine.group import GroupResult, GroupSpec, run_group
 
 EXECUTORS = ("local", "ray")
 PROBE_TIMEOUT_S = 5.0  # an address that does not answer in this time is unreachable

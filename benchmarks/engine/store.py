@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.errors import UserError
+from benchmarks.core.errors import UserError
 
 ROW_COLUMNS = [
     "model",

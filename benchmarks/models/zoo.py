@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmarks.registry import Registry
+from benchmarks.core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The kernel every package imports: the generic registry and the shared errors."""

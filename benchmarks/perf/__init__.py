@@ -1,0 +1,1 @@
+"""Speed and memory measurements of methods, metrics and training, beside other libraries (scripts, not tests)."""
