@@ -65,7 +65,8 @@ def activation_map(
         tap = attach_tap(model, module, handles, point)
         with torch.inference_mode():
             logits = model(x)
-    check_target_range(target, logits.shape[1])
+    if target is not None:  # the map ignores the class; a given one must still exist
+        check_target_range(target, logits.shape[1])
     activation = tap.activation
     if activation.dim() != 4:
         raise UserError(

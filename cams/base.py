@@ -1,12 +1,23 @@
-"""The method contract: the registry, the ``Explanation`` every method returns, and the
-metadata record each registered method carries.
+"""The method contract: the registry, the ``Explanation`` every method returns, the
+metadata record each registered method carries, and the one entry check every method runs.
 
 A method is a registered callable::
 
     explain(model, x, target, *, layer=None, **options) -> Explanation
 
-``x`` is a float tensor (B, C, H, W) already normalized for the model, ``target`` a long
-tensor (B,) of class indices. Options are keyword-only with safe defaults.
+x: float tensor (B, C, H, W), the model's own input (for the harness's zoo models: images on
+the [0, 1] scale, which the model normalizes itself); methods that perturb x (occlusion, RISE,
+noise) perturb in that space.
+
+target: ``None``, an int, or an integer tensor/sequence of length B. ``None`` explains the
+class the model predicts (the argmax of its logits), as captum and pytorch-grad-cam read it;
+an int explains that class for every image. ``resolve_target`` is where that is decided, for
+every method; ``None`` costs one extra forward.
+
+The model is explained in eval mode (BatchNorm with its running statistics, dropout off),
+whatever mode it arrives in, and every module's ``training`` flag is as it came afterwards
+(``cams.hooks.model_guard``): an explanation never changes the model's parameters or buffers.
+Options are keyword-only with safe defaults.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.core.registry import Registry
+from cams.hooks import model_guard
 
 Family = Literal["cam", "gradient", "perturbation", "baseline"]
 
@@ -30,7 +42,8 @@ class MethodInfo:
 
     family: cam, gradient, perturbation or baseline.
     needs: what it needs of the model: "layer" (a target layer), "gap_head" (global
-        average pool + linear classifier), "relu" (ReLU non-linearities to guide).
+        average pool + linear classifier), "relu" (rectifiers to guide: ReLU, ReLU6, a
+        clamp at 0; see ``cams.guided``).
     cost: forward (F) and backward (B) passes per image as a formula of its options,
         e.g. "1F+1B" or "1F + N F" (N masked inputs).
     randomized: draws random numbers (seeded; maps are reproducible for a seed).
@@ -134,21 +147,75 @@ def input_buffer(x: torch.Tensor, rows: int) -> torch.Tensor:
     )
 
 
-def check_inputs(x: torch.Tensor, target: torch.Tensor | int | list[int]) -> torch.Tensor:
-    """Validate the batch and return ``target`` as a long tensor (B,) on ``x``'s device."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(
-            f"x must be a float tensor (B, C, H, W); got {shape}. Add a batch dim with x[None]."
+Target = torch.Tensor | int | list[int] | tuple[int, ...] | None
+
+
+def check_inputs(x: torch.Tensor, target: Target) -> torch.Tensor | None:
+    """Validate the batch and return ``target`` as a long tensor (B,) on ``x``'s device, or
+    ``None`` for ``None``. Methods that explain a class call ``resolve_target`` instead; this
+    is for the ones that never need the class (baselines).
+
+    >>> check_inputs(torch.zeros(2, 3, 4, 4), 1)
+    tensor([1, 1])
+    >>> check_inputs(torch.zeros(2, 3, 4, 4), torch.tensor([0.0, 1.0]))
+    Traceback (most recent call last):
+    ...
+    TypeError: target must hold integer class indices, got a torch.float32 tensor; pass target.long() (or None for the predicted class)
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(
+            f"x must be a floating-point tensor (B, C, H, W), got {kind}; convert it with "
+            "x.float() (images on the scale the model takes, [0, 1] for the zoo models)"
         )
-    target = torch.as_tensor(target, device=x.device).long().reshape(-1)
-    if target.numel() == 1 and x.shape[0] > 1:
-        target = target.expand(x.shape[0])
-    if target.numel() != x.shape[0]:
+    if x.dim() != 4:
         raise ValueError(
-            f"target must have one class index per image: {target.numel()} for a batch of {x.shape[0]}"
+            f"x must be a float tensor (B, C, H, W), got shape {tuple(x.shape)}; add a batch "
+            "dim with x[None] (or a channel dim with x[:, None])"
         )
-    return target
+    if target is None:
+        return None
+    if isinstance(target, torch.Tensor):
+        tensor = target
+    else:
+        try:
+            tensor = torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(
+                f"target must be None, an int or a sequence of ints, got {target!r}"
+            ) from exc
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise TypeError(
+            f"target must hold integer class indices, got a {tensor.dtype} tensor; pass "
+            "target.long() (or None for the predicted class)"
+        )
+    if tensor.dim() > 1:
+        raise ValueError(
+            f"target must be an int or a 1-D sequence of B class indices, got shape "
+            f"{tuple(tensor.shape)}; flatten it with target.reshape(-1)"
+        )
+    tensor = tensor.to(device=x.device, dtype=torch.long).reshape(-1)
+    if tensor.numel() == 1 and x.shape[0] > 1:
+        tensor = tensor.expand(x.shape[0])
+    if tensor.numel() != x.shape[0]:
+        raise ValueError(
+            f"target must have one class index per image: got {tensor.numel()} for a batch of "
+            f"{x.shape[0]}; pass B indices, one int for all, or None for the predicted class"
+        )
+    return tensor
+
+
+def resolve_target(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
+    """The entry check of every method that explains a class: validate ``x`` and ``target``
+    (``check_inputs``) and return the classes to explain as a long tensor (B,). ``None``
+    means the class the model predicts, the argmax of its logits for ``x`` in eval mode (one
+    forward under ``model_guard``, without gradients)."""
+    checked = check_inputs(x, target)
+    if checked is not None:
+        return checked
+    with model_guard(model), torch.no_grad():
+        logits = model(x)
+    return logits.argmax(dim=1).to(x.device)
 
 
 def check_target_range(target: torch.Tensor, n_classes: int) -> None:

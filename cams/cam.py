@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from benchmarks.core.errors import NotApplicable
-from cams.base import METHODS, Explanation, check_inputs, check_target_range, upsample
+from cams.base import METHODS, Explanation, check_target_range, resolve_target, upsample
 from cams.hooks import attach_tap, model_guard, resolve_layer
 
 
@@ -73,7 +73,7 @@ def _check_gap_head(model, features, heads, logits):
 @METHODS.register("cam", family="cam", needs=("layer", "gap_head"), cost="1F")
 def cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, layer=None) -> Explanation:
     """CAM: sum_k W[c, k] F_k over the features entering the GAP + linear head (no ReLU)."""
-    target = check_inputs(x, target)
+    target = resolve_target(model, x, target)
     features, head, logits = gap_head_features(model, x, layer)
     check_target_range(target, logits.shape[1])
     weights = head.weight.detach()[target]  # (B, K)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from benchmarks.core.errors import UserError
-from cams.base import METHODS, Explanation, check_inputs, check_target_range, upsample
+from cams.base import METHODS, Explanation, check_target_range, resolve_target, upsample
 from cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
 
 Score = Literal["logit", "probability"]
@@ -44,7 +44,7 @@ def layer_gradient(
     score: Score = "logit",
 ) -> LayerGrad:
     """One forward and one backward (to the layer only): the layer's activation and gradient."""
-    target = check_inputs(x, target)
+    target = resolve_target(model, x, target)
     if score not in ("logit", "probability"):
         raise UserError(f"score must be 'logit' or 'probability', got {score!r}")
     with model_guard(model) as handles:
@@ -186,7 +186,8 @@ class SharedPass:
     }
 
     def __init__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, layer):
-        self.model, self.x, self.target, self.layer = model, x, target, layer
+        self.model, self.x, self.layer = model, x, layer
+        self.target = resolve_target(model, x, target)
         self._passes: dict[tuple[str, str], LayerGrad] = {}
 
     def explain(self, name: str, options: dict) -> Explanation | None:

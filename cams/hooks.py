@@ -1,5 +1,6 @@
 """Hooks, layer capture and target-layer resolution, in one place whose ``finally`` undoes
-everything a method does to a model.
+everything a method does to a model. ``model_guard`` also fixes the mode a model is explained
+in: eval, whatever mode it came in, with every module's own flag restored afterwards.
 
 What "the layer's activation" means is pinned here. ``LayerTap`` captures the layer's
 output *as the layer produced it*: the forward hook keeps the layer's own output tensor and
@@ -44,12 +45,23 @@ _AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = 
 
 @contextlib.contextmanager
 def model_guard(model: nn.Module) -> Iterator[list[torch.utils.hooks.RemovableHandle]]:
-    """Yield a list to put hook handles in; on exit remove them and restore every module's
-    ``training`` flag and every parameter's ``requires_grad``, also when the body raises."""
+    """Run the body with ``model`` in eval mode and yield a list to put hook handles in; on
+    exit remove them and restore every module's ``training`` flag and every parameter's
+    ``requires_grad``, also when the body raises.
+
+    Explanations are always computed in eval mode, whatever mode the model arrives in:
+    BatchNorm normalizes with its running statistics (and does not update them, so the
+    explanation leaves every buffer as it came) and dropout is off (so the maps are
+    deterministic and the global RNG is not drawn from). A model with mixed modes (a dropout
+    left in training mode inside an eval model, say) is explained fully in eval mode and handed
+    back with each module's own flag. Guards nest: an inner one restores what it found, which is
+    eval mode.
+    """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
+        model.eval()
         yield handles
     finally:
         for handle in handles:
@@ -148,7 +160,7 @@ def auto_layer_name(model: nn.Module, x: torch.Tensor) -> str:
     with model_guard(model) as handles:
         for module in names:
             handles.append(module.register_forward_hook(record))
-        model.eval()  # no BatchNorm statistics update, and one image is a valid batch
+        # model_guard's eval mode: no BatchNorm statistics update, one image is a valid batch
         with torch.inference_mode():
             model(x[:1])
     if not finished:

@@ -29,11 +29,12 @@ from cams.base import (
     METHODS,
     Explanation,
     ForwardInLayout,
-    check_inputs,
     check_target_range,
     image_runs,
     input_buffer,
+    resolve_target,
 )
+from cams.hooks import model_guard
 
 
 def pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -88,10 +89,11 @@ def occlusion(
     over channels (captum ``Occlusion`` semantics; ``layer`` is ignored).
 
     ``window`` and ``stride`` (default ``window // 2``) are an int or an (h, w) pair in
-    pixels; ``baseline`` is the value written into the window (in the model's normalized
-    input space); ``batch_size`` is the number of perturbed images per forward pass.
+    pixels; ``baseline`` is the value written into the window, in the space of ``x`` (the
+    model's input: 0 is black for the zoo's [0, 1] images); ``batch_size`` is the number of
+    perturbed images per forward pass.
     """
-    target = check_inputs(x, target)
+    target = resolve_target(model, x, target)
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     size = (x.shape[-2], x.shape[-1])
@@ -107,7 +109,7 @@ def occlusion(
     batch = x.shape[0]
     fill = torch.tensor(float(baseline), dtype=x.dtype, device=x.device)
 
-    with torch.inference_mode():
+    with model_guard(model), torch.inference_mode():
         clean = torch.cat([model(x[i : i + batch_size]) for i in range(0, batch, batch_size)])
         check_target_range(target, clean.shape[1])
         base_score = clean.gather(1, target[:, None])[:, 0]

@@ -22,7 +22,7 @@ from captum.attr import IntegratedGradients, KernelShap, Lime, Saliency
 from torch import nn
 
 from benchmarks.core.errors import UserError
-from cams.base import METHODS, Explanation, check_inputs, check_target_range
+from cams.base import METHODS, Explanation, check_target_range, resolve_target
 from cams.baselines import image_generator
 from cams.hooks import model_guard
 
@@ -60,7 +60,7 @@ def reduce_abs_max(attribution: torch.Tensor) -> torch.Tensor:
 def saliency(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, layer=None) -> Explanation:
     """Saliency (Simonyan et al.): max over channels of |d logit / d x| (captum ``Saliency``).
     ``layer`` is ignored."""
-    target = check_inputs(x, target)
+    target = resolve_target(model, x, target)
     with model_guard(model), torch.enable_grad():
         attribution = Saliency(_checked_forward(model, target)).attribute(
             x.detach().clone().requires_grad_(True), target=target, abs=True
@@ -101,13 +101,13 @@ def smoothgrad(
     internal_batch_size: int = 64,
 ) -> Explanation:
     """SmoothGrad (Smilkov et al.): the mean over ``n_samples`` noisy copies of |d logit / d x|,
-    noise N(0, stdevs^2) in the model's (normalized) input units, then max over channels.
+    noise N(0, stdevs^2) in the units of ``x`` (the model's input), then max over channels.
 
     Equals captum's ``NoiseTunnel(Saliency)`` with ``nt_type="smoothgrad"`` when that draws the
     same noise (see ``smoothgrad_noise``). ``internal_batch_size``: noisy images per forward
     and backward; it does not change the map. ``layer`` is ignored.
     """
-    target = check_inputs(x, target)
+    target = resolve_target(model, x, target)
     n_samples = _positive("n_samples", n_samples)
     internal_batch_size = _positive("internal_batch_size", internal_batch_size)
     if not stdevs >= 0:
@@ -152,7 +152,7 @@ def integrated_gradients(
     ``internal_batch_size``: interpolated images per forward and backward (at least one image's
     worth is used); it does not change the map. ``layer`` is ignored.
     """
-    target = check_inputs(x, target)
+    target = resolve_target(model, x, target)
     n_steps = _positive("n_steps", n_steps)
     internal_batch_size = _positive("internal_batch_size", internal_batch_size)
     # captum splits the steps of a whole batch; give it at most internal_batch_size images at
@@ -204,7 +204,7 @@ def _surrogate(
     perturbations_per_eval: int,
 ) -> Explanation:
     """LIME / Kernel SHAP on a grid of cells, one image at a time with its own seed."""
-    target = check_inputs(x, target)
+    target = resolve_target(model, x, target)
     n_samples = _positive("n_samples", n_samples)
     grid = _positive("grid", grid)
     perturbations_per_eval = _positive("perturbations_per_eval", perturbations_per_eval)
@@ -243,8 +243,9 @@ def lime(
 ) -> Explanation:
     """LIME (Ribeiro et al.; captum ``Lime`` with its defaults: Lasso alpha 0.01, cosine
     exponential kernel): the surrogate's coefficient of each of ``grid`` x ``grid`` cells, cells
-    switched off to 0 (the mean of a normalized input). ``perturbations_per_eval``: masked
-    images per forward; it does not change the map. ``layer`` is ignored."""
+    switched off to 0 in the space of ``x`` (black for the zoo's [0, 1] images).
+    ``perturbations_per_eval``: masked images per forward; it does not change the map.
+    ``layer`` is ignored."""
     return _surrogate(
         Lime,
         model,
@@ -276,7 +277,8 @@ def kernelshap(
     perturbations_per_eval: int = 32,
 ) -> Explanation:
     """Kernel SHAP (Lundberg & Lee; captum ``KernelShap``): the Shapley value estimate of each of
-    ``grid`` x ``grid`` cells, absent cells set to 0 (the mean of a normalized input).
+    ``grid`` x ``grid`` cells, absent cells set to 0 in the space of ``x`` (black for the
+    zoo's [0, 1] images).
     ``perturbations_per_eval``: masked images per forward; it does not change the map.
     ``layer`` is ignored."""
     return _surrogate(

@@ -17,6 +17,20 @@ then the column shifts ``randint(0, ceil(W / cells), (N,))``. The bilinear upsam
 is the paper's ``skimage.transform.resize(order=1, mode="reflect")``: half-pixel centres and
 mirror reflection at the edges.
 
+Against the authors' code (``eclique/RISE``, ``explanations.py``: ``RISE.generate_masks`` and
+``RISE.forward``): the same masks from the same draws (``np.random`` there, the generator
+above here; tests/test_perturbation_methods.py checks them against skimage's resize), the
+same score (their model ends in a softmax), the same normalization by N p (not by the sum of
+the masks), and tests/test_method_findings.py checks the saliency against a re-implementation
+of ``RISE.forward`` with the same masks to 1e-5. One deliberate difference: the authors
+multiply the masks with the tensor the network takes after ``Normalize`` (a masked pixel
+becomes the dataset mean), while here they multiply ``x``, the model's input, which for the
+zoo's models is the [0, 1] image (a masked pixel is black; the model normalizes after the
+mask). For a model that takes normalized input the two are the same. With few masks the
+Monte Carlo error dominates any comparison: on a small CNN with N = 96, s = 6, p = 0.5 two
+seeds give maps that differ by up to 0.65 after min-max, so compare implementations with the
+same masks.
+
 The (mask, image) pairs form one stream, regrouped into forwards of ``batch_size`` images
 under ``torch.inference_mode()``; masks are built per chunk, never all N at once, and the
 masked images written into one reused buffer (channels-last on the CPU, see
@@ -37,10 +51,11 @@ from cams.base import (
     METHODS,
     Explanation,
     ForwardInLayout,
-    check_inputs,
     check_target_range,
     input_buffer,
+    resolve_target,
 )
+from cams.hooks import model_guard
 
 
 def interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -120,10 +135,10 @@ def rise(
     divided by ``p`` (``layer`` is ignored).
 
     ``n_masks`` masks from a ``cells x cells`` grid with keep probability ``p``, seeded by
-    ``seed``; the masked input is ``x * M`` in the model's normalized input space;
+    ``seed``; the masked input is ``x * M`` in the space of ``x``, the model's input;
     ``batch_size`` is the number of masked images per forward pass.
     """
-    target = check_inputs(x, target)
+    target = resolve_target(model, x, target)
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if score not in ("probability", "logit"):
@@ -134,7 +149,7 @@ def rise(
     total = n_masks * batch
     # float64 sums: N terms per pixel, summed in the same order for any batch_size.
     saliency = torch.zeros((batch, *size), dtype=torch.float64, device=x.device)
-    with torch.inference_mode():
+    with model_guard(model), torch.inference_mode():
         inputs = input_buffer(x, min(batch_size, total))
         forward = ForwardInLayout(model)
         # One stream of (mask, image) pairs, mask-major, so a chunk needs few distinct masks.

@@ -39,10 +39,10 @@ from cams.base import (
     METHODS,
     Explanation,
     ForwardInLayout,
-    check_inputs,
     check_target_range,
     image_runs,
     input_buffer,
+    resolve_target,
     upsample,
 )
 from cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
@@ -106,7 +106,7 @@ def scorecam(
     ``batch_size`` is the number of masked images per forward pass; see the module
     docstring for ``score``, ``channel_softmax`` and ``align_corners``.
     """
-    target = check_inputs(x, target)
+    target = resolve_target(model, x, target)
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if score not in ("logit", "probability"):
@@ -117,7 +117,7 @@ def scorecam(
     batch, channels = activation.shape[:2]
     total = batch * channels
     scores = torch.empty(total, dtype=torch.float32, device=x.device)
-    with torch.inference_mode():
+    with model_guard(model), torch.inference_mode():
         # One stream of (image, channel) pairs, image-major, cut into forwards of batch_size;
         # the masked images of a chunk are written into one reused buffer.
         inputs = input_buffer(x, min(batch_size, total))

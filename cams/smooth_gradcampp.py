@@ -20,6 +20,16 @@ Noise: eps_m = sigma * (max(x_b) - min(x_b)) * z_m, z_m standard normal (C, H, W
 CPU (``noise_directions``). Every image uses the same z_m scaled by its own range, so a map does not depend on the
 batch it is computed in. The clean and noisy copies of all images form one stream of
 ``batch_size`` images per forward + backward pass (``cams.gradient_cams.layer_gradient``).
+The global RNG is never drawn from.
+
+The noise reaches the map only through the gradients g_m (A is the clean input's). At a
+target layer that reaches the logits through global average pooling and one linear layer
+(the default target layer of torchvision's ResNets and of GAP CNNs), g_m = W[c] / (h w)
+whatever the input, so D1, D2, D3 are g, g^2, g^3 and the map is Grad-CAM++'s exactly, for
+every ``seed``, ``sigma`` and ``n_samples``. That is the formula (torchcam's implementation
+has the same property), not a seed the noise ignores: at a layer whose gradient depends on
+the input, two seeds give two maps (tests/test_method_findings.py checks both). To see the
+smoothing, explain an earlier layer.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch
 from torch import nn
 
 from benchmarks.core.errors import UserError
-from cams.base import METHODS, Explanation, check_inputs
+from cams.base import METHODS, Explanation, resolve_target
 from cams.gradient_cams import _safe_div, _weighted, layer_gradient, to_explanation
 from cams.hooks import CapturePoint, resolve_layer
 
@@ -79,7 +89,7 @@ def smooth_gradcampp(
 
     ``batch_size`` is the number of images (clean or noisy) per forward + backward pass.
     """
-    target = check_inputs(x, target)
+    target = resolve_target(model, x, target)
     if not isinstance(n_samples, int) or n_samples < 1:
         raise UserError(f"n_samples must be a positive int, got {n_samples!r}")
     if sigma < 0:

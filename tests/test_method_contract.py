@@ -6,6 +6,13 @@ For every entry of ``cams.METHODS``, called with its default options on a small 
 - it returns finite float32 (B, H, W) maps at input size for a batch of 4, on a 1-channel
   and a 3-channel model;
 - a batch gives the maps of its images explained one at a time;
+- ``target=None`` gives the maps of the predicted class passed explicitly;
+- a bad ``x`` or ``target`` (not a float 4-D tensor, not integer class indices, the wrong
+  length) raises a TypeError or ValueError naming the argument;
+- the call runs in eval mode, whatever mode the model comes in, and leaves every module's
+  ``training`` flag as it came: a model in train mode (BatchNorm with running statistics, a
+  dropout with p > 0) gives the maps of the same model in eval mode, and comes back in train
+  mode with every parameter and buffer bit-identical;
 - the model leaves a normal call, a call with an out-of-range class (which must raise a
   ValueError naming it), and a call whose target layer raises, as it came: no module or
   global hook left, the same ``training`` and ``requires_grad`` flags, the same parameters
@@ -56,7 +63,9 @@ class SmallGapCNN(nn.Module):
     """conv-BN-ReLU, max-pool, conv-BN-ReLU -> GAP -> Dropout -> Linear.
 
     The first conv is frozen and the dropout (p = 0, so the output is deterministic) is left
-    in training mode in an otherwise eval model: a method that flips either is caught.
+    in training mode in an otherwise eval model. A call runs the whole model in eval mode;
+    afterwards both flags must be as they came, so a method that leaves either changed is
+    caught.
     """
 
     def __init__(self, in_channels: int):
@@ -101,6 +110,17 @@ def explain(name: str, model: nn.Module, x: torch.Tensor, target) -> Explanation
     return METHODS.get(name).obj(model, x, target)
 
 
+def predicted(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The class the model predicts for each image, in eval mode; the model is left as it came."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    with torch.no_grad():
+        classes = model(x).argmax(dim=1)
+    for m, mode in modes.items():
+        m.training = mode
+    return classes
+
+
 def runs_model(name: str) -> bool:
     """Baselines that cost no pass never run the model (so cannot see its classes or layers)."""
     return METHODS.get(name).info.cost.strip() != "0"
@@ -136,6 +156,61 @@ def test_batch_invariance(name):
     )
     scale = max(float(single.abs().max()), 1e-12)
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_target_none_explains_the_predicted_class(name):
+    """``None`` means the predicted class (captum and pytorch-grad-cam read it so)."""
+    model = make_model(3)
+    # Scaled copies, so the four images are not all predicted as the same class.
+    x = make_input(3) * torch.tensor([1.0, -1.0, 3.0, -3.0])[:, None, None, None]
+    classes = predicted(model, x)
+    assert len(set(classes.tolist())) > 1, "the check needs images predicted as different classes"
+    try:
+        explicit = explain(name, model, x, classes).maps
+    except NotApplicable as exc:
+        pytest.skip(f"{name} not applicable: {exc}")
+    torch.testing.assert_close(explain(name, model, x, None).maps, explicit, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_inputs_raise_errors_naming_the_argument(name):
+    model, x = make_model(3), make_input(3)
+    cases = [
+        ((x * 255).to(torch.uint8), TARGET, TypeError, "x must be a floating-point tensor"),
+        (x[0], TARGET[:1], ValueError, "x must be a float tensor"),
+        (x, TARGET.float(), TypeError, "target must hold integer class indices"),
+        (x, TARGET[:3], ValueError, "target must have one class index per image"),
+        (x, TARGET[:, None], ValueError, "target must be an int or a 1-D sequence"),
+        (x, "cat", TypeError, "target must"),
+    ]
+    for bad_x, bad_target, error, message in cases:
+        with pytest.raises(error, match=message):
+            explain(name, model, bad_x, bad_target)
+
+
+def train_mode_model() -> SmallGapCNN:
+    """The contract model in train mode throughout, with a dropout that drops (p = 0.5): run
+    in train mode, BatchNorm would normalize with batch statistics and update its running
+    statistics, and the dropout would change the maps and draw from the global RNG."""
+    model = make_model(3)
+    model.drop.p = 0.5
+    return model.train()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_mode_model_is_explained_in_eval_mode_and_handed_back(name):
+    model, x = train_mode_model(), make_input(3)
+    reference = train_mode_model().eval()
+    before = snapshot(model)
+    try:
+        maps = explain(name, model, x, TARGET).maps
+    except NotApplicable as exc:
+        assert_as_it_came(model, before, "after a NotApplicable call in train mode")
+        pytest.skip(f"{name} not applicable: {exc}")
+    assert_as_it_came(model, before, "after a call in train mode")
+    assert all(m.training for m in model.modules())
+    torch.testing.assert_close(maps, explain(name, reference, x, TARGET).maps, rtol=0, atol=0)
 
 
 # --- model hygiene ------------------------------------------------------------------------
