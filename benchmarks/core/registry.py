@@ -125,7 +125,8 @@ class Registry(Generic[InfoT]):
             raise UnknownNameError(self._unknown_message(name)) from None
 
     def _unknown_message(self, name: str) -> str:
-        matches = close_matches(name, self._aliases)
+        # an alias stands for its entry: suggest each entry once, by its canonical name
+        matches = list(dict.fromkeys(self._aliases[m] for m in close_matches(name, self._aliases)))
         hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
         return f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(self.names())}"
 
