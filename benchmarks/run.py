@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
-import json
 import platform
-import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -29,19 +28,19 @@ from pathlib import Path
 
 from benchmarks.core.errors import UserError
 from benchmarks.engine.executors import EXECUTORS, run_groups
-from benchmarks.engine.group import check_device, format_plan, group_specs, log, plan
-from benchmarks.engine.store import RunStore, atomic_write_parquet, atomic_write_text
-from benchmarks.engine.suite import available_suites, filter_suite, load_suite, registries
-from benchmarks.reports.leaderboard import (
-    CSV_NAME,
-    HOST_CSV_NAME,
-    aggregate,
-    host_note,
-    split_host_dependent,
-    to_csv,
-    to_latex,
-    to_markdown,
+from benchmarks.engine.group import GroupResult, check_device, group_specs
+from benchmarks.engine.plan import (
+    GroupPlan,
+    Plan,
+    describe_change,
+    fingerprint_inputs,
+    format_plan,
+    make_plan,
 )
+from benchmarks.engine.progress import Progress, log
+from benchmarks.engine.store import LEADERBOARD, Manifest, RunStore, entry_metadata
+from benchmarks.engine.suite import Suite, available_suites, filter_suite, load_suite, registries
+from benchmarks.reports.leaderboard import aggregate, views
 
 LISTABLE = ("methods", "metrics", "datasets", "models", "suites")
 PACKAGES = (
@@ -96,20 +95,6 @@ def list_entries(what: str) -> str:
     return "\n".join(lines)
 
 
-def remove_partial_writes(store: RunStore) -> int:
-    """Remove what a run killed mid-write left behind: a group folder still under its
-    temporary name (``groups/.tmp-*``, which the glob of ``RunStore.read`` would otherwise
-    gather) and the temporary files of atomic writes (``.NAME.*.tmp``). Call it holding the
-    folder's lock. Returns how many were removed."""
-    partial = [*store.groups_dir.glob(".tmp-*"), *store.root.glob(".*.tmp")]
-    for path in partial:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return len(partial)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
@@ -161,9 +146,42 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
+    """overrides -> plan -> execute -> publish; the exit status."""
+    suite = with_overrides(load_suite(args.suite), args)
+    device = check_device(args.device)
+    if args.data_root and not Path(args.data_root).is_dir():
+        raise UserError(f"--data-root {args.data_root} is not a directory")
+    plan = make_plan(suite, data_root=args.data_root)
+    if args.dry_run:
+        print(format_plan(plan))
+        return 0
+    if args.strict and (missing := plan.missing_data()):
+        raise UserError(
+            "--strict: " + "; ".join(f"dataset {name} {why}" for name, why in missing.items())
+        )
+    run_dir = Path(args.out or Path("results") / f"{suite.name}-{suite.config_hash()}")
+    with RunStore(run_dir).open() as store:
+        manifest = new_manifest(suite, run_dir, args, device)
+        store.write("manifest.json", manifest)
+        try:
+            execute(plan, store, manifest, args, device)
+        except BaseException as exc:  # interrupted or bad input: the manifest says so
+            why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            manifest.status = f"stopped: {why}"
+            store.write("manifest.json", manifest)
+            raise
+        errors = publish(plan, store, manifest)
+    log(f"results: {run_dir}/leaderboard.md")
+    if errors:
+        log(
+            f"{errors} cell(s) failed; see the 'error' cells in {run_dir}/cells.parquet and the log above"
+        )
+        return 1
+    return 0
 
-    suite = load_suite(args.suite)
+
+def with_overrides(suite: Suite, args: argparse.Namespace) -> Suite:
+    """The suite after the command line's filters, --seed and --max-images."""
     suite = filter_suite(
         suite,
         models=args.models,
@@ -176,140 +194,124 @@ def run(args: argparse.Namespace) -> int:
     if args.max_images is not None:
         if args.max_images < 1:
             raise UserError(f"--max-images must be >= 1, got {args.max_images}")
-        suite = dataclasses.replace(
-            suite, eval=dataclasses.replace(suite.eval, max_images=args.max_images)
-        )
-    device = check_device(args.device)
-    if args.data_root and not Path(args.data_root).is_dir():
-        raise UserError(f"--data-root {args.data_root} is not a directory")
-    planned = plan(suite, data_root=args.data_root)
-    if args.dry_run:
-        print(format_plan(suite, planned))
-        return 0
-    missing = {g.dataset: g.data for g in planned if g.data.startswith("missing")}
-    if args.strict and missing:
-        raise UserError(
-            "--strict: " + "; ".join(f"dataset {name} {why}" for name, why in missing.items())
-        )
+        evaluation = dataclasses.replace(suite.eval, max_images=args.max_images)
+        suite = dataclasses.replace(suite, eval=evaluation)
+    return suite
 
-    run_dir = (
-        Path(args.out) if args.out else Path("results") / f"{suite.name}-{suite.config_hash()}"
+
+def new_manifest(suite: Suite, run_dir: Path, args: argparse.Namespace, device: str) -> Manifest:
+    return Manifest(
+        run_id=run_dir.name,
+        suite=suite.resolved(),
+        suite_files=suite.source,
+        versions=versions(),
+        git=git_hash(),
+        seed=suite.seed,
+        host=platform.node(),
+        platform=platform.platform(),
+        device=device,
+        data_root=args.data_root,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        started=now(),
+        methods={m.label: entry_metadata("methods", m) for m in suite.methods},
+        metrics={k.label: entry_metadata("metrics", k) for k in suite.metrics},
     )
-    store = RunStore(run_dir)
-    store.prepare()
-    with store.lock():
-        if n_partial := remove_partial_writes(store):
-            log(f"removed {n_partial} partial write(s) left by an interrupted run")
-        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        manifest = {
-            "run_id": run_dir.name,
-            "suite": suite.resolved(),
-            "suite_files": suite.source,
-            "versions": versions(),
-            "git": git_hash(),
-            "seed": suite.seed,
-            "host": platform.node(),
-            "platform": platform.platform(),
-            "device": device,
-            "data_root": args.data_root,
-            "executor": args.executor,
-            "ray_address": args.ray_address,
-            "started": started,
-            "status": "running",
-            "groups": {},
-        }
-        atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
-        specs = group_specs(
-            suite,
-            device=device,
-            data_root=args.data_root,
-            cache_dir=args.cache,
-            progress=not args.no_progress,
-        )
-        skipped: dict[str, str] = {}
-        todo = []
-        for spec in specs:
-            key = f"{spec.model.label}--{spec.dataset.label}"
-            if store.has_group(spec.model.label, spec.dataset.label):
-                log(f"{key}: already stored, skipped")
-                manifest["groups"][key] = "stored earlier"
-            else:
-                todo.append(spec)
-        log(f"{len(todo)} group(s) to run on the {args.executor} executor")
-        groups = run_groups(
-            todo, executor=args.executor, ray_address=args.ray_address, num_cpus=args.num_cpus
-        )
-        # closing: an interrupt or error cancels running tasks (and stops a Ray we started)
-        with contextlib.closing(groups):
-            for i, (spec, result) in enumerate(groups, 1):
-                key = f"{spec.model.label}--{spec.dataset.label}"
-                log(f"[{i}/{len(todo)}] {key} done")
-                if result.skipped:
-                    skipped[spec.dataset.label] = result.skipped
-                    log(f"  skipped: {result.skipped}")
-                store.write_group(
-                    spec.model.label,
-                    spec.dataset.label,
-                    rows=result.rows,
-                    curves=result.curves,
-                    cells=result.cells,
-                    report=result.report,
-                    examples=result.examples,
-                )
-                manifest["groups"][key] = "skipped" if result.skipped else "done"
 
-        rows, cells, curves = store.read("rows"), store.read("cells"), store.read("curves")
-        regs = registries()
-        infos = {c.label: regs["metrics"].get(c.use).info for c in suite.metrics}
-        directions = {label: info.higher_is_better for label, info in infos.items()}
-        table = aggregate(rows, cells, directions, seed=suite.seed)
-        # host measurements (wall time) differ between runs: kept out of leaderboard.csv
-        host = sorted(label for label, info in infos.items() if info.host_dependent)
-        reproducible, host_table = split_host_dependent(table, host)
-        notes = [
-            f"suite {suite.name} v{suite.version}, seed {suite.seed}, {suite.eval.max_images} images per model x dataset"
-        ]
-        if note := host_note(set(host_table["metric"])):
-            notes.append(note)
-        notes += [f"dataset {name} skipped: {why}" for name, why in sorted(skipped.items())]
-        atomic_write_parquet(run_dir / "rows.parquet", rows)
-        atomic_write_parquet(run_dir / "cells.parquet", cells)
-        atomic_write_parquet(run_dir / "curves.parquet", curves)
-        atomic_write_text(run_dir / CSV_NAME, to_csv(reproducible))
-        atomic_write_text(run_dir / HOST_CSV_NAME, to_csv(host_table))
-        title = f"Leaderboard: {suite.name}"
-        # the model comparison of the X-ray study: accuracy, recall, F1 beside AOPC
-        aopc = [c.label for c in suite.metrics if c.use == "aopc_morf"]
-        compare = next((c.label for c in suite.metrics if c.options.get("correct_only")), None)
-        atomic_write_text(
-            run_dir / "leaderboard.md",
-            to_markdown(
-                table,
-                title=title,
-                reports=store.reports(),
-                notes=notes,
-                compare_metric=compare or (aopc[0] if aopc else None),
-            ),
-        )
-        atomic_write_text(
-            run_dir / "leaderboard.tex",
-            to_latex(table, title=title, reports=store.reports(), notes=notes),
-        )
-        errors = cells[cells["status"] == "error"]
-        manifest.update(
-            finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            status="failed cells" if len(errors) else "finished",
-            skipped_datasets=skipped,
-            models=store.reports(),
-        )
-        atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
-    log(f"results: {run_dir}/leaderboard.md")
-    if len(errors):
-        log(
-            f"{len(errors)} cell(s) failed; see the 'error' cells in {run_dir}/cells.parquet and the log above"
-        )
-        return 1
-    return 0
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def to_compute(plan: Plan, store: RunStore, manifest: Manifest) -> list[GroupPlan]:
+    """The groups to compute: every group unless stored from the same fingerprint (those
+    are reused and recorded so); a stored group from another configuration says what
+    changed and is computed again."""
+    todo = []
+    for g in plan.groups:
+        if store.reusable(g.key, g.fingerprint):
+            log(
+                f"{g.key}: stored from the same configuration (fingerprint {g.fingerprint}), reused"
+            )
+            manifest.groups[g.key] = {"state": "reused", "fingerprint": g.fingerprint}
+            continue
+        stored = store.stored_fingerprint(g.key)
+        if stored is not None and stored.get("fingerprint") != g.fingerprint:
+            change = describe_change(stored.get("inputs") or {}, fingerprint_inputs(g))
+            log(f"{g.key}: stored results came from another configuration ({change}); recomputing")
+        elif (store.groups_dir / g.key).is_dir():
+            log(f"{g.key}: stored results are incomplete or of an older version; recomputing")
+        todo.append(g)
+    return todo
+
+
+def execute(plan: Plan, store: RunStore, manifest: Manifest, args, device: str) -> None:
+    """Compute the groups that need it, storing each as it finishes."""
+    todo = to_compute(plan, store, manifest)
+    log(f"{len(todo)} group(s) to run on the {args.executor} executor")
+    specs = group_specs(todo, device=device, cache_dir=args.cache, progress=not args.no_progress)
+    groups = run_groups(
+        specs, executor=args.executor, ray_address=args.ray_address, num_cpus=args.num_cpus
+    )
+    progress = Progress(len(todo), "groups", bar=False)
+    # closing: an interrupt or error cancels running tasks (and stops a Ray we started)
+    with contextlib.closing(groups):
+        for spec, result in groups:
+            g = spec.plan
+            store.write_group(
+                g.key, result, fingerprint=g.fingerprint, inputs=fingerprint_inputs(g)
+            )
+            state = group_state(result)
+            manifest.groups[g.key] = {"state": state, "fingerprint": g.fingerprint}
+            if result.skipped:
+                manifest.skipped_datasets[g.dataset.label] = result.skipped
+            store.write("manifest.json", manifest)
+            progress.step(f"{g.key} {state}" + (f": {result.skipped}" if result.skipped else ""))
+    manifest.groups = {g.key: manifest.groups[g.key] for g in plan.groups}  # plan order
+
+
+def group_state(result: GroupResult) -> str:
+    if result.skipped:
+        return "skipped"
+    return "error" if result.error else "computed"
+
+
+def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
+    """Gather the run's groups, write its tables, leaderboard and final manifest; returns
+    the number of failed cells."""
+    suite, keys = plan.suite, [g.key for g in plan.groups]
+    rows, cells, curves = (store.read(name, keys) for name in ("rows", "cells", "curves"))
+    directions = {k: meta["higher_is_better"] for k, meta in manifest.metrics.items()}
+    table = aggregate(rows, cells, directions, seed=suite.seed)
+    reports = store.reports(keys)
+    for name, frame in (("rows", rows), ("cells", cells), ("curves", curves)):
+        store.write(f"{name}.parquet", frame)
+    store.write(LEADERBOARD, table)
+    notes = [
+        f"suite {suite.name} v{suite.version}, seed {suite.seed}, {suite.eval.max_images} images per model x dataset"
+    ]
+    notes += [
+        f"dataset {name} skipped: {why}" for name, why in sorted(manifest.skipped_datasets.items())
+    ]
+    # the model comparison of the X-ray study: accuracy, recall, F1 beside AOPC
+    aopc = [c.label for c in suite.metrics if c.use == "aopc_morf"]
+    compare = next((c.label for c in suite.metrics if c.options.get("correct_only")), None)
+    files = views(
+        table,
+        title=f"Leaderboard: {suite.name}",
+        notes=notes,
+        host_metrics=sorted(k for k, meta in manifest.metrics.items() if meta["host_dependent"]),
+        reports=reports,
+        compare_metric=compare or (aopc[0] if aopc else None),
+    )
+    for name, text in files.items():
+        store.write(name, text)
+    errors = int((cells["status"] == "error").sum())
+    manifest.finished = now()
+    manifest.status = "finished with errors" if errors else "finished"
+    manifest.models = reports
+    store.write("manifest.json", manifest)
+    return errors
 
 
 def main(argv: list[str] | None = None) -> int:

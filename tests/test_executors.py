@@ -14,8 +14,9 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from benchmarks.core.errors import UserError
-from benchmarks.engine.executors import GroupFailed, _task_cpus, run_groups
+from benchmarks.engine.executors import _task_cpus, run_groups
 from benchmarks.engine.group import group_specs
+from benchmarks.engine.plan import make_plan
 from benchmarks.engine.suite import Component, filter_suite, load_suite
 
 pytestmark = pytest.mark.harness
@@ -32,12 +33,13 @@ def small_smoke_suite():
         suite,
         eval=dataclasses.replace(suite.eval, max_images=16, batch_size=8),
         train=dataclasses.replace(suite.train, epochs=2),
-        datasets=(Component(dataset.label, dataset.use, {**dataset.options, "n": 128}),),
+        datasets=(dataclasses.replace(dataset, options={**dataset.options, "n": 128}),),
     )
 
 
 def specs_for(suite, cache):
-    return group_specs(suite, device="cpu", data_root=None, cache_dir=str(cache), progress=False)
+    plan = make_plan(suite, data_root=None)
+    return group_specs(plan.groups, device="cpu", cache_dir=str(cache), progress=False)
 
 
 @pytest.mark.slow
@@ -47,7 +49,7 @@ def test_ray_executor_equals_local_executor(tmp_path):
     # a second entry of the same model makes two groups that share one cache entry
     (model,) = suite.models
     suite = dataclasses.replace(
-        suite, models=(model, Component("gapcnn-b", model.use, {"layer": "features"}))
+        suite, models=(model, Component("gapcnn-b", model.use, layer="features"))
     )
     local = dict(
         ((s.model.label, s.dataset.label), r)
@@ -75,32 +77,33 @@ def test_ray_executor_equals_local_executor(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_task_errors_reach_the_driver_as_the_local_executor_raises_them(tmp_path):
-    """A UserError keeps its type and message, any other error names its group, as with the
-    local executor; a Ray the caller started is used and left running."""
+def test_ray_task_errors_reach_the_driver_as_the_local_executor_gives_them(tmp_path):
+    """A UserError keeps its type and message; any other error becomes the same error
+    cells, naming the group, as with the local executor; a Ray the caller started is used
+    and left running."""
     ray = pytest.importorskip("ray")
     suite = small_smoke_suite()
     missing = str(tmp_path / "missing.pt")
-    cases = {  # the error and the start of its message
-        UserError: (Component("gapcnn", "gapcnn", {"checkpoint": missing}), "model gapcnn"),
-        # torch rejects a conv with -1 channels while the model is built, outside any cell
-        GroupFailed: (
-            Component("broken", "gapcnn", {"width": -1}),
-            "group broken x synth-lesion failed: ",
-        ),
-    }
+    bad_checkpoint = Component("gapcnn", "gapcnn", checkpoint=missing)
+    # torch rejects a conv with -1 channels while the model is built, outside any cell
+    broken = Component("broken", "gapcnn", {"width": -1})
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        for kind, (model, start) in cases.items():
-            specs = specs_for(dataclasses.replace(suite, models=(model,)), tmp_path)
-            with pytest.raises(kind) as local:
-                list(run_groups(specs))
-            with pytest.raises(kind) as remote:
-                list(run_groups(specs, executor="ray"))
-            assert type(remote.value) is type(local.value)
-            assert str(remote.value) == str(local.value)
-            assert str(local.value).startswith(start)
-            assert ray.is_initialized()
+        specs = specs_for(dataclasses.replace(suite, models=(bad_checkpoint,)), tmp_path)
+        with pytest.raises(UserError) as local:
+            list(run_groups(specs))
+        with pytest.raises(UserError) as remote:
+            list(run_groups(specs, executor="ray"))
+        assert str(remote.value) == str(local.value)
+        assert str(local.value).startswith("model gapcnn")
+        specs = specs_for(dataclasses.replace(suite, models=(broken,)), tmp_path)
+        ((_, here),) = list(run_groups(specs))
+        ((_, there),) = list(run_groups(specs, executor="ray"))
+        assert here.error.startswith("group broken x synth-lesion failed: ")
+        assert there.error == here.error
+        assert_frame_equal(there.cells, here.cells)
+        assert set(here.cells["status"]) == {"error"}
+        assert ray.is_initialized()
     finally:
         ray.shutdown()
 
@@ -148,7 +151,9 @@ def test_ray_options_with_the_local_executor_are_an_error():
         run_groups([], ray_address="10.0.0.5:6379")
 
 
-def test_user_error_keeps_its_type_and_other_errors_name_the_group(tmp_path, monkeypatch):
+def test_user_error_keeps_its_type_and_other_errors_become_error_cells(
+    tmp_path, monkeypatch, capsys
+):
     suite = small_smoke_suite()
     (spec,) = specs_for(suite, tmp_path)
 
@@ -163,8 +168,13 @@ def test_user_error_keeps_its_type_and_other_errors_name_the_group(tmp_path, mon
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr("benchmarks.engine.executors.run_group", broken)
-    with pytest.raises(GroupFailed, match="group gapcnn x synth-lesion failed: ZeroDivisionError"):
-        list(run_groups([spec]))
+    ((_, result),) = list(run_groups([spec]))
+    why = "group gapcnn x synth-lesion failed: ZeroDivisionError: division by zero"
+    assert result.error == why and len(result.rows) == 0
+    cells = result.cells
+    assert set(cells["status"]) == {"error"} and set(cells["reason"]) == {why}
+    assert len(cells) == len(suite.methods) * len(suite.metrics)
+    assert "Traceback" in capsys.readouterr().err  # the traceback goes to the log
 
 
 def test_importing_the_executors_does_not_import_ray():

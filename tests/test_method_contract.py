@@ -27,7 +27,7 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.modules.module as module_globals
+from model_hygiene import SmallGapCNN, changes, snapshot
 from torch import nn
 
 from benchmarks.core.errors import NotApplicable
@@ -41,55 +41,11 @@ N_CLASSES = 3
 SIZE = 32
 TARGET = torch.tensor([0, 1, 2, 0])
 BAD_CLASS = 7
-MODULE_HOOKS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks_with_kwargs",
-)
-GLOBAL_HOOKS = tuple(
-    name
-    for name in dir(module_globals)
-    if name.startswith("_global_")
-    and name.endswith("hooks")
-    and isinstance(getattr(module_globals, name), dict)
-)
-
-
-class SmallGapCNN(nn.Module):
-    """conv-BN-ReLU, max-pool, conv-BN-ReLU -> GAP -> Dropout -> Linear.
-
-    The first conv is frozen and the dropout (p = 0, so the output is deterministic) is left
-    in training mode in an otherwise eval model. A call runs the whole model in eval mode;
-    afterwards both flags must be as they came, so a method that leaves either changed is
-    caught.
-    """
-
-    def __init__(self, in_channels: int):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 8, 3, padding=1),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(p=0.0)
-        self.fc = nn.Linear(16, N_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(self.pool(self.features(x)).flatten(1)))
 
 
 def make_model(in_channels: int) -> SmallGapCNN:
     torch.manual_seed(0)
-    model = SmallGapCNN(in_channels).eval()
+    model = SmallGapCNN(in_channels, N_CLASSES).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -216,34 +172,9 @@ def test_train_mode_model_is_explained_in_eval_mode_and_handed_back(name):
 # --- model hygiene ------------------------------------------------------------------------
 
 
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "hooks": {
-            (mod_name, attr): len(getattr(mod, attr))
-            for mod_name, mod in model.named_modules()
-            for attr in MODULE_HOOKS
-            if hasattr(mod, attr)
-        },
-        "global_hooks": {name: len(getattr(module_globals, name)) for name in GLOBAL_HOOKS},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "rng": torch.random.get_rng_state(),
-    }
-
-
 def assert_as_it_came(model: nn.Module, before: dict, when: str) -> None:
-    after = snapshot(model)
-    leftover = {k: v for k, v in after["hooks"].items() if v != before["hooks"][k]}
-    assert not leftover, f"{when}: hooks left on modules: {leftover}"
-    assert after["global_hooks"] == before["global_hooks"], f"{when}: global module hooks left"
-    assert after["training"] == before["training"], f"{when}: training flags changed"
-    assert after["requires_grad"] == before["requires_grad"], f"{when}: requires_grad flags changed"
-    changed = [k for k, v in after["state"].items() if not torch.equal(v, before["state"][k])]
-    assert not changed, f"{when}: parameters or buffers changed: {changed}"
-    grads = [n for n, p in model.named_parameters() if p.grad is not None]
-    assert not grads, f"{when}: .grad accumulated on {grads}"
-    assert torch.equal(after["rng"], before["rng"]), f"{when}: the global RNG state changed"
+    found = changes(model, before)
+    assert not found, f"{when}: {'; '.join(found)}"
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-import torch.nn.modules.module as module_globals
+from model_hygiene import SmallGapCNN, changes, snapshot
 from torch import nn
 
 from benchmarks.core.errors import NotApplicable
@@ -54,49 +54,6 @@ SPLIT_XFAIL = {
     "image of the batch (metrics/cost.py), so it grows with the batch",
 }
 
-MODULE_HOOKS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks_with_kwargs",
-)
-GLOBAL_HOOKS = tuple(
-    name
-    for name in dir(module_globals)
-    if name.startswith("_global_")
-    and name.endswith("hooks")
-    and isinstance(getattr(module_globals, name), dict)
-)
-
-
-class SmallGapCNN(nn.Module):
-    """conv-BN-ReLU, max-pool, conv-BN-ReLU -> GAP -> Dropout -> Linear (2 classes).
-
-    The first conv is frozen and the dropout (p = 0, deterministic) left in training mode in
-    an otherwise eval model: a metric that flips either is caught.
-    """
-
-    def __init__(self, in_channels: int):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 8, 3, padding=1),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(p=0.0)
-        self.fc = nn.Linear(16, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(self.pool(self.features(x)).flatten(1)))
-
 
 @functools.cache
 def images(in_channels: int) -> dict:
@@ -117,7 +74,7 @@ def make_model(in_channels: int) -> SmallGapCNN:
     some images but not all (every branch of the adversarial metrics runs)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = SmallGapCNN(in_channels).eval()
+        model = SmallGapCNN(in_channels, 2).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -180,46 +137,6 @@ def score(name: str, ctx: MetricContext) -> Scores:
 
 
 # --- model hygiene ------------------------------------------------------------------------
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "hooks": {
-            (mod_name, attr): len(getattr(mod, attr))
-            for mod_name, mod in model.named_modules()
-            for attr in MODULE_HOOKS
-            if hasattr(mod, attr)
-        },
-        "global_hooks": {name: len(getattr(module_globals, name)) for name in GLOBAL_HOOKS},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "rng": torch.random.get_rng_state(),
-    }
-
-
-def changes(model: nn.Module, before: dict) -> list[str]:
-    """What the call changed on the model (and the global RNG), in words; empty if nothing."""
-    after = snapshot(model)
-    found = []
-    leftover = {k: v for k, v in after["hooks"].items() if v != before["hooks"][k]}
-    if leftover:
-        found.append(f"hooks left on modules: {leftover}")
-    if after["global_hooks"] != before["global_hooks"]:
-        found.append("global module hooks left")
-    if after["training"] != before["training"]:
-        found.append("training flags changed")
-    if after["requires_grad"] != before["requires_grad"]:
-        found.append("requires_grad flags changed")
-    changed = [k for k, v in after["state"].items() if not torch.equal(v, before["state"][k])]
-    if changed:
-        found.append(f"parameters or buffers changed: {changed}")
-    grads = [n for n, p in model.named_parameters() if p.grad is not None]
-    if grads:
-        found.append(f".grad accumulated on {grads}")
-    if not torch.equal(after["rng"], before["rng"]):
-        found.append("the global RNG state changed")
-    return found
 
 
 @functools.cache

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks import regress
 from benchmarks.engine.suite import SUITES_DIR
+from benchmarks.reports import regress
 from benchmarks.reports.leaderboard import aggregate
 from benchmarks.run import main as run_main
 from cams import METHODS, Explanation
@@ -330,7 +330,7 @@ def _no_rows(tmp_path, run, baseline):
 
 
 def _failed_run(tmp_path, run, baseline):
-    failed = write_run(tmp_path / "failed", toy_values(), status="failed cells")
+    failed = write_run(tmp_path / "failed", toy_values(), status="finished with errors")
     return [failed, "--write-baseline", tmp_path / "x.json"], "not 'finished'"
 
 

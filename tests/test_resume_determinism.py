@@ -160,7 +160,7 @@ def test_a_run_killed_between_groups_resumes_to_the_same_leaderboard(suite, tmp_
     before = first.stat()
 
     resumed = run(suite, out, cache)
-    assert "gapcnn--a: already stored, skipped" in resumed.stderr
+    assert "gapcnn--a: stored from the same configuration" in resumed.stderr
     assert "1 group(s) to run" in resumed.stderr
     after = first.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

@@ -111,7 +111,7 @@ def test_smoke_suite_end_to_end(tmp_path, cache, capsys):
         )
         == 0
     )
-    assert "already stored" in capsys.readouterr().err
+    assert "stored from the same configuration" in capsys.readouterr().err
     assert (out / "leaderboard.csv").read_text() == before
 
 
@@ -234,8 +234,9 @@ def test_dry_run_plans_without_running(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--suite", suite, "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert "test-flat-head x synth-lesion (synthetic): 2 cells to run, 2 not applicable" in text
-    assert "cam needs a GAP + linear head" in text and "1F+1B" in text
+    # the method, not the zoo's metadata, decides: the dry run says what to expect
+    assert "test-flat-head x synth-lesion (synthetic): 4 cells to run, 0 not applicable" in text
+    assert "expected at run time: cam needs a GAP + linear head" in text and "1F+1B" in text
     assert not out.exists()
 
 

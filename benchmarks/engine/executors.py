@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import os
 import socket
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,24 +37,22 @@ from typing import Any
 import torch
 
 from benchmarks.core.errors import UserError
-from benchmarks.engine.group import GroupResult, GroupSpec, run_group
+from benchmarks.engine.group import GroupResult, GroupSpec, failed_result, run_group
+from benchmarks.engine.progress import log
 
 EXECUTORS = ("local", "ray")
 PROBE_TIMEOUT_S = 5.0  # an address that does not answer in this time is unreachable
 
 
-class GroupFailed(RuntimeError):
-    """A group raised something other than a UserError; the message names the group and
-    the original exception is its ``__cause__``."""
-
-
 def group_name(spec: GroupSpec) -> str:
-    return f"{spec.model.label} x {spec.dataset.label}"
+    return spec.plan.name
 
 
-def _failed(spec: GroupSpec, exc: BaseException) -> GroupFailed:
-    detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-    return GroupFailed(f"group {group_name(spec)} failed: {detail}")
+def _failed(spec: GroupSpec, exc: BaseException, detail: str = "") -> GroupResult:
+    """The result of a group that raised: error cells with the message; the traceback goes
+    to the log, and the other groups run on."""
+    log(f"group {group_name(spec)} failed:\n{detail or traceback.format_exc()}")
+    return failed_result(spec.plan, exc)
 
 
 def run_groups(
@@ -67,8 +66,9 @@ def run_groups(
     suite order for ``local``, in completion order for ``ray``.
 
     Bad options raise ``UserError`` here; Ray is started (or joined) when iteration
-    begins. A group that raises ``UserError`` re-raises it unchanged; any other exception
-    becomes ``GroupFailed`` naming the group. Close the iterator (``contextlib.closing``)
+    begins. A group that raises ``UserError`` re-raises it unchanged; a group that raises
+    anything else (or whose Ray worker dies) yields a result of error cells with the
+    message (``group.failed_result``), and the other groups run. Close the iterator (``contextlib.closing``)
     to cancel the groups still running when the driver stops early.
 
     >>> list(run_groups([]))
@@ -106,7 +106,7 @@ def _run_local(specs: list[GroupSpec]) -> Iterator[tuple[GroupSpec, GroupResult]
         except UserError:
             raise
         except Exception as exc:
-            raise _failed(spec, exc) from exc
+            result = _failed(spec, exc)
         yield spec, result
 
 
@@ -217,10 +217,13 @@ def _run_ray(
         cwd = os.getcwd()
         for spec in specs:
             # absolute paths: a worker's directory is wherever its node's Ray was started
+            root = spec.plan.root
             shipped = dataclasses.replace(
                 spec,
+                plan=dataclasses.replace(
+                    spec.plan, root=str(Path(root).resolve()) if root else None
+                ),
                 cache_dir=str(Path(spec.cache_dir).resolve()),
-                data_root=str(Path(spec.data_root).resolve()) if spec.data_root else None,
             )
             ref = remote.options(
                 num_cpus=cpus,
@@ -237,9 +240,9 @@ def _run_ray(
                 cause = exc.cause
                 if isinstance(cause, UserError):
                     raise cause from None
-                raise _failed(spec, cause if cause is not None else exc) from exc
+                result = _failed(spec, cause if cause is not None else exc, str(exc))
             except ray.exceptions.RayError as exc:  # a worker or node died
-                raise _failed(spec, exc) from exc
+                result = _failed(spec, exc, str(exc))
             yield spec, result
     finally:
         for ref in pending:

@@ -1,31 +1,38 @@
-"""The runner: a suite becomes (model, dataset) groups; each group trains or loads its model,
-draws its evaluation set, and for every batch runs every method and every metric on the
-maps. A group is the unit an executor schedules; ``run_group`` is pure apart from the
-model cache, and returns its tables for the store to write.
+"""Running one (model, dataset) group of a plan: the unit an executor schedules.
 
-A method or metric that cannot apply raises ``NotApplicable``: the cell is recorded with
-the reason and the run goes on. Any other exception in a cell is recorded as an ``error``
-cell with its message, the run goes on, and the run exits non-zero.
+``run_group`` reads as its steps: ``prepare`` (the data, the trained or cached model, the
+evaluation draw), then per batch ``forward`` (logits, targets, one shared gradient pass),
+``explain`` with each method, ``score`` every planned metric on its maps, and at the end
+``GroupState.result`` (the cells with what the run learned). It is pure apart from the
+model cache and returns its tables for the store to write.
+
+A group receives its planned cells (``benchmarks.engine.plan``) and only adds what it
+learns at run time: a method or metric raising ``NotApplicable`` (recorded with the
+reason), a cell whose images all went unscored (``no_image_scored``), an error (recorded
+with its message; the run goes on and exits 1). A group that fails as a whole becomes
+error cells through ``failed_result``.
+
+Inputs: every model takes images as the datasets give them, on the [0, 1] scale (a zoo
+model normalizes them itself; a model without a ``normalize`` module takes them as they
+are); methods and metrics perturb in that space.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import traceback
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
 from benchmarks.core.errors import DataNotFound, NotApplicable, UserError
+from benchmarks.engine.plan import Cell, GroupPlan, Status
+from benchmarks.engine.progress import Progress, log
 from benchmarks.engine.store import CELL_COLUMNS, CURVE_COLUMNS, ROW_COLUMNS
-from benchmarks.engine.suite import Component, Suite, builder_options, option_names, train_config
+from benchmarks.engine.suite import Component, option_names
 from benchmarks.models.training import get_trained_model
 from benchmarks.models.zoo import MODELS
 from cams import METHODS
@@ -33,18 +40,25 @@ from cams.gradient_cams import SharedPass
 from datasets import DATASETS
 from metrics import METRICS, MetricContext
 
+EXAMPLES = 4  # evaluation images kept with every method's maps, for figures
+
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """Everything a worker needs to run one (model, dataset) group."""
+    """Everything a worker needs to run one group: its plan and where to run it."""
 
-    suite: Suite
-    model: Component
-    dataset: Component
+    plan: GroupPlan
     device: str = "cpu"
-    data_root: str | None = None
     cache_dir: str = "results/cache"
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal; log lines otherwise or when False
+
+    @property
+    def model(self) -> Component:
+        return self.plan.model
+
+    @property
+    def dataset(self) -> Component:
+        return self.plan.dataset
 
 
 @dataclass
@@ -53,65 +67,227 @@ class GroupResult:
     curves: pd.DataFrame
     cells: pd.DataFrame
     report: dict[str, Any] = field(default_factory=dict)
-    skipped: str | None = None  # reason the whole group was skipped (data not found)
+    skipped: str | None = None  # why the whole group was skipped (data not found)
+    error: str | None = None  # why the whole group failed
     # the first EXAMPLES evaluation images with their masks and every method's maps, for
     # figures: images, ids, masks (if any), maps__<method label>
     examples: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-EXAMPLES = 4
+@dataclass
+class Prepared:
+    """A group ready to explain: its model, target layer and evaluation draw."""
+
+    model: nn.Module
+    layer: str
+    eval_set: Any
+    indices: np.ndarray
+    report: dict[str, Any]
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+@dataclass
+class Batch:
+    """One evaluation batch after its forward: inputs, logits, targets and a shared pass."""
+
+    index: int
+    ids: list[str]
+    x: torch.Tensor
+    labels: torch.Tensor
+    logits: torch.Tensor
+    target: torch.Tensor
+    correct: np.ndarray
+    masks: torch.Tensor | None
+    organ_masks: torch.Tensor | None
+    shared: SharedPass
 
 
-def resolve_data_root(dataset: Component, data_root: str | None) -> str | None:
-    """The data directory for a real dataset: suite entry ``root``, then --data-root, then
-    the dataset's environment variable. Synthetic datasets get None."""
-    info = DATASETS.get(dataset.use).info
-    if info.source != "real":
-        return None
-    root = (
-        dataset.options.get("root")
-        or data_root
-        or (os.environ.get(info.root_env) if info.root_env else None)
+def load_dataset(plan: GroupPlan, split: str):
+    dc = plan.dataset
+    return DATASETS.get(dc.use).obj(split, root=plan.root, seed=plan.seed, **dc.options)
+
+
+def prepare(spec: GroupSpec) -> Prepared:
+    """Load the data, train or load the model (cached), draw the evaluation images."""
+    plan = spec.plan
+    if plan.missing:
+        raise DataNotFound(plan.data.removeprefix("missing: "))
+    split = plan.eval.split
+    train_set, eval_set = load_dataset(plan, "train"), load_dataset(plan, split)
+
+    def val_set():  # loaded only for a report that lacks it
+        if split == "val":
+            return eval_set
+        try:  # the validation report is information: a dataset without that split goes without
+            return load_dataset(plan, "val")
+        except UserError:
+            return None
+
+    mc = plan.model
+    trained = get_trained_model(
+        mc.use,
+        plan.dataset.use,
+        train_set=train_set,
+        test_set=eval_set if split == "test" else load_dataset(plan, "test"),
+        val_set=val_set,
+        dataset_options=plan.dataset.options,
+        config=plan.train,
+        seed=plan.seed,
+        cache_dir=spec.cache_dir,
+        device=spec.device,
+        model_options=mc.options,
+        checkpoint=mc.checkpoint,
     )
-    if not root:
-        env = f" or set ${info.root_env}" if info.root_env else ""
-        raise DataNotFound(
-            f"dataset {dataset.label!r} needs real data: pass --data-root DIR{env}. {info.how_to_get}".strip()
-        )
-    return str(root)
+    model = trained.model
+    if plan.eval.channels_last:  # the same model, its convolutions faster (see EvalConfig)
+        model = model.to(memory_format=torch.channels_last)
+    layer = mc.layer or MODELS.get(mc.use).info.default_layer
+    n_eval = min(plan.eval.max_images, len(eval_set))
+    indices = np.sort(np.random.default_rng(plan.seed).permutation(len(eval_set))[:n_eval])
+    report = {**trained.report, "layer": layer, "n_eval": n_eval}
+    return Prepared(model, layer, eval_set, indices, report)
 
 
-def load_dataset(dataset: Component, split: str, *, seed: int, data_root: str | None):
-    opts = builder_options(dataset, "datasets")
-    root = resolve_data_root(dataset, data_root)
-    return DATASETS.get(dataset.use).obj(split, root=root, seed=seed, **opts)
-
-
-def _batches(ds, indices: np.ndarray, batch_size: int):
-    for start in range(0, len(indices), batch_size):
-        items = [ds[int(i)] for i in indices[start : start + batch_size]]
-        batch = {
-            "x": torch.stack([it["image"] for it in items]),
-            "labels": torch.tensor([it["label"] for it in items]),
-            "ids": [it["id"] for it in items],
+def batches(prep: Prepared, plan: GroupPlan, device: torch.device):
+    """The evaluation batches, each after one forward and with its shared gradient pass."""
+    size = plan.eval.batch_size
+    for index, start in enumerate(range(0, len(prep.indices), size)):
+        items = [prep.eval_set[int(i)] for i in prep.indices[start : start + size]]
+        x = torch.stack([it["image"] for it in items]).to(device)
+        labels = torch.tensor([it["label"] for it in items]).to(device)
+        masks = {
+            key: torch.stack([it[key] for it in items]).to(device) if key in items[0] else None
+            for key in ("mask", "organ_mask")
         }
-        for key in ("mask", "organ_mask"):
-            batch[key] = torch.stack([it[key] for it in items]) if key in items[0] else None
-        yield batch
+        with torch.inference_mode():
+            logits = prep.model(x)
+        target = logits.argmax(1) if plan.eval.target == "predicted" else labels
+        yield Batch(
+            index=index,
+            ids=[it["id"] for it in items],
+            x=x,
+            labels=labels,
+            logits=logits,
+            target=target,
+            correct=(logits.argmax(1) == labels).cpu().numpy(),
+            masks=masks["mask"],
+            organ_masks=masks["organ_mask"],
+            # one forward + backward for every gradient CAM of the batch
+            shared=SharedPass(prep.model, x, target, layer=prep.layer),
+        )
 
 
-def _take(entry: Component, seen: dict, key, available: int) -> int:
-    """How many of the ``available`` images the entry takes now, within its ``max_images``
-    (counted in ``seen`` under ``key``)."""
-    cap = entry.options.get("max_images")
-    already = seen.get(key, 0)
-    n = available if cap is None else max(0, min(available, int(cap) - already))
-    seen[key] = already + n
-    return n
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+class GroupState:
+    """What a group learns as it runs: each cell's status, the rows, curves and counts of
+    scored images, and the examples for figures."""
+
+    def __init__(self, plan: GroupPlan):
+        self.plan = plan
+        self.cells: dict[tuple[str, str], Cell] = {(c.method, c.metric): c for c in plan.cells}
+        self.rows: list[pd.DataFrame] = []
+        self.curves: list[pd.DataFrame] = []
+        self.scored: dict[tuple[str, str], list[Any]] = {}  # n, n unscored, why
+        self.taken: dict[Any, int] = {}  # images taken so far, per method and per cell
+        self.examples: dict[str, np.ndarray] = {}
+
+    def pending(self, method: Component) -> list[Component]:
+        """The metrics of ``method`` still to run: planned, and nothing learned against."""
+        return [
+            k
+            for k in self.plan.metrics
+            if self.cells[(method.label, k.label)].status is Status.PLANNED
+        ]
+
+    def take(self, entry: Component, key: Any, available: int) -> int:
+        """How many of the ``available`` images the entry takes now, within its
+        ``max_images`` (the first images of the draw)."""
+        already = self.taken.get(key, 0)
+        cap = entry.max_images
+        n = available if cap is None else max(0, min(available, cap - already))
+        self.taken[key] = already + n
+        return n
+
+    def learn(self, method: str, metrics: list[Component], status: Status, reason: str) -> None:
+        for k in metrics:
+            self.cells[(method, k.label)] = self.cells[(method, k.label)].becomes(status, reason)
+
+    def keep_examples(self, batch: Batch, method: str, maps: torch.Tensor) -> None:
+        """The first batch's images and masks, and each method's maps of them."""
+        if not self.examples:
+            k = min(EXAMPLES, len(batch.ids))
+            self.examples["images"] = batch.x[:k].cpu().numpy().astype(np.float32)
+            self.examples["ids"] = np.array(batch.ids[:k], dtype=str)
+            if batch.masks is not None:
+                self.examples["masks"] = batch.masks[:k].cpu().numpy().astype(bool)
+        key, k = f"maps__{method}", len(self.examples["ids"])
+        if key not in self.examples and len(maps) >= k:
+            self.examples[key] = maps[:k].detach().float().cpu().numpy()
+
+    def record(self, batch: Batch, n: int, method: str, metric: str, scores) -> None:
+        """One metric's scores of the first ``n`` images of the batch: rows, curves, counts."""
+        base = dict(model=self.plan.model.label, dataset=self.plan.dataset.label)
+        base.update(method=method, metric=metric)
+        ids = batch.ids[:n]
+        count = self.scored.setdefault((method, metric), [0, 0, ""])
+        for output, values in scores.values.items():
+            values = np.asarray(values, dtype=np.float64).reshape(-1)
+            keep = np.isfinite(values)
+            if output == "value":
+                count[0] += int(keep.sum())
+                count[1] += int((~keep).sum())
+                if (~keep).any() and scores.unscored:
+                    count[2] = scores.unscored
+            columns = {
+                "output": output,
+                "sample_id": np.array(ids, dtype=object)[keep],
+                "label": batch.labels[:n].cpu().numpy()[keep],
+                "target": batch.target[:n].cpu().numpy()[keep],
+                "correct": batch.correct[:n][keep],
+                "value": values[keep],
+            }
+            self.rows.append(pd.DataFrame({**base, **columns}))
+        for name, curve in scores.curves.items():
+            values = [list(map(float, c)) for c in np.asarray(curve)]
+            self.curves.append(
+                pd.DataFrame({**base, "curve": name, "sample_id": ids, "values": values})
+            )
+
+    def final_cells(self) -> list[Cell]:
+        """Every cell; a planned one that ran is ok, or no_image_scored with the reason."""
+        out = []
+        for key, cell in self.cells.items():
+            if cell.status is Status.PLANNED:
+                n, unscored, why = self.scored.get(key, [0, 0, ""])
+                reason = (
+                    f"{unscored} image(s) not scored: {why or 'the metric gave no value'}"
+                    if unscored
+                    else ""
+                )
+                status = Status.OK if n else Status.NO_IMAGE_SCORED
+                reason = reason or ("" if n else "no image scored")
+                cell = cell.becomes(status, reason, n=n, n_excluded=unscored)
+            out.append(cell)
+        return out
+
+    def result(self, report: dict[str, Any]) -> GroupResult:
+        return GroupResult(
+            _concat(self.rows, ROW_COLUMNS),
+            _concat(self.curves, CURVE_COLUMNS),
+            cells_frame(self.final_cells()),
+            report,
+            examples=self.examples,
+        )
+
+
+def cells_frame(cells: list[Cell]) -> pd.DataFrame:
+    return pd.DataFrame([c.record() for c in cells], columns=CELL_COLUMNS)
+
+
+def _concat(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
 def _call_options(fn, options: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -121,307 +297,119 @@ def _call_options(fn, options: dict[str, Any], seed: int) -> dict[str, Any]:
     return opts
 
 
-def _cell(
-    model: str,
-    dataset: str,
-    method: str,
-    metric: str,
-    status: str,
-    reason: str = "",
-    n: int = 0,
-    n_excluded: int = 0,
-) -> dict[str, Any]:
-    return dict(
-        model=model,
-        dataset=dataset,
-        method=method,
-        metric=metric,
-        status=status,
-        reason=reason,
-        n=n,
-        n_excluded=n_excluded,
-    )
+def explainer(m: Component, layer: str, seed: int):
+    """The method of entry ``m`` as ``(model, x, target) -> maps``, with its options."""
+    fn = METHODS.get(m.use).obj
+    opts = _call_options(fn, m.options, seed)
+
+    def explain(model, x, target):
+        return fn(model, x, target, layer=layer, **opts).maps
+
+    return explain
 
 
-def missing_needs(metric: Component, has: Mapping[str, bool]) -> list[str]:
-    """The data the metric needs that the dataset lacks: its needs that ``has`` names
-    ("masks", "organ_masks") with False. Needs ``has`` does not name (the explainer, the
-    weights) are the pipeline's to provide and never missing."""
-    return [need for need in METRICS.get(metric.use).info.needs if not has.get(need, True)]
+def explain(state: GroupState, prep: Prepared, batch: Batch, m: Component, n: int):
+    """The maps of the batch's first ``n`` images by method ``m`` (the shared gradient pass
+    when it serves the whole batch), or None when the method cannot apply or failed: its
+    pending cells then learn why."""
+    pending = state.pending(m)
+    try:
+        done = batch.shared.explain(m.use, m.options) if n == len(batch.x) else None
+        if done is not None:
+            return done.maps
+        return explainer(m, prep.layer, state.plan.seed)(prep.model, batch.x[:n], batch.target[:n])
+    except NotApplicable as exc:
+        state.learn(m.label, pending, Status.NOT_APPLICABLE, f"{m.label}: {exc}")
+    except Exception as exc:  # recorded, the run goes on
+        log(f"error in method {m.label} on {state.plan.name}:\n{traceback.format_exc()}")
+        state.learn(m.label, pending, Status.ERROR, f"{m.label}: {_short(exc)}")
+    return None
 
 
-def needs_reason(metric: Component, dataset: Component, has: Mapping[str, bool]) -> str:
-    """Why the metric cannot apply to the dataset's data ("" if nothing is missing)."""
-    missing = missing_needs(metric, has)
-    if not missing:
-        return ""
-    return f"{metric.label} needs {', '.join(missing)}; dataset {dataset.label} has none"
-
-
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n_m: int):
+    """Every pending metric of method ``m`` on its maps of the batch's first ``n_m`` images."""
+    plan = state.plan
+    for k in state.pending(m):
+        n = state.take(k, (m.label, k.label), n_m)
+        if n == 0:
+            continue
+        ctx = MetricContext(
+            model=prep.model,
+            x=batch.x[:n],
+            labels=batch.labels[:n],
+            target=batch.target[:n],
+            maps=maps[:n].to(batch.x.device),
+            logits=batch.logits[:n],
+            ids=batch.ids[:n],
+            masks=None if batch.masks is None else batch.masks[:n],
+            organ_masks=None if batch.organ_masks is None else batch.organ_masks[:n],
+            explain=explainer(m, prep.layer, plan.seed),
+            seed=plan.seed,
+            batch_size=plan.eval.forward_batch,
+        )
+        try:
+            scores = METRICS.get(k.use).obj(ctx, **k.options)
+        except NotApplicable as exc:
+            state.learn(m.label, [k], Status.NOT_APPLICABLE, f"{k.label}: {exc}")
+            continue
+        except Exception as exc:  # recorded, the run goes on
+            log(
+                f"error in metric {k.label} for {m.label} on {plan.name}:\n{traceback.format_exc()}"
+            )
+            state.learn(m.label, [k], Status.ERROR, f"{k.label}: {_short(exc)}")
+            continue
+        state.record(batch, n, m.label, k.label, scores)
 
 
 def run_group(spec: GroupSpec) -> GroupResult:
-    """Train or load the model, explain the evaluation set with every method, score every metric."""
-    suite, mc, dc = spec.suite, spec.model, spec.dataset
-    methods, metrics = suite.methods, suite.metrics
+    """Train or load the model, explain the evaluation set with every method, score every
+    planned metric; a dataset whose data is missing gives a skipped group."""
+    plan = spec.plan
     try:
-        train_set = load_dataset(dc, "train", seed=suite.seed, data_root=spec.data_root)
-        eval_set = load_dataset(dc, suite.eval.split, seed=suite.seed, data_root=spec.data_root)
+        prep = prepare(spec)
     except DataNotFound as exc:
-        cells = [
-            _cell(mc.label, dc.label, m.label, k.label, "skipped", str(exc))
-            for m in methods
-            for k in metrics
-        ]
-        return GroupResult(
-            pd.DataFrame(columns=ROW_COLUMNS),
-            pd.DataFrame(columns=CURVE_COLUMNS),
-            pd.DataFrame(cells, columns=CELL_COLUMNS),
-            skipped=str(exc),
-        )
-
-    device = torch.device(spec.device)
-
-    def val_set():  # loaded only for a report that lacks it
-        if suite.eval.split == "val":
-            return eval_set
-        try:  # the validation report is information: a dataset without that split goes without
-            return load_dataset(dc, "val", seed=suite.seed, data_root=spec.data_root)
-        except UserError:
-            return None
-
-    trained = get_trained_model(
-        mc.use,
-        dc.use,
-        train_set=train_set,
-        test_set=eval_set
-        if suite.eval.split == "test"
-        else load_dataset(dc, "test", seed=suite.seed, data_root=spec.data_root),
-        val_set=val_set,
-        dataset_options=builder_options(dc, "datasets"),
-        config=train_config(suite, mc, dc),
-        seed=suite.seed,
-        cache_dir=Path(spec.cache_dir),
-        device=spec.device,
-        model_options=builder_options(mc, "models"),
-        checkpoint=mc.options.get("checkpoint"),
-    )
-    model = trained.model
-    if suite.eval.channels_last:  # the same model, its convolutions faster (see EvalConfig)
-        model = model.to(memory_format=torch.channels_last)
-    layer = mc.options.get("layer") or MODELS.get(mc.use).info.default_layer
-
-    gen = np.random.default_rng(suite.seed)
-    n_eval = min(suite.eval.max_images, len(eval_set))
-    indices = np.sort(gen.permutation(len(eval_set))[:n_eval])
-    has = {
-        "masks": getattr(eval_set, "masks", None) is not None or "mask" in eval_set[0],
-        "organ_masks": "organ_mask" in eval_set[0],
-    }
-
-    status: dict[tuple[str, str], dict[str, Any]] = {}
-    for m in methods:
-        for k in metrics:
-            if reason := needs_reason(k, dc, has):
-                status[(m.label, k.label)] = _cell(
-                    mc.label, dc.label, m.label, k.label, "not_applicable", reason
-                )
-            elif reason := suite.excluded(mc.label, dc.label, m.label, k.label):
-                status[(m.label, k.label)] = _cell(
-                    mc.label, dc.label, m.label, k.label, "excluded", reason
-                )
-    rows: list[pd.DataFrame] = []
-    curves: list[pd.DataFrame] = []
-    counts: dict[tuple[str, str], list[int]] = {}
-
-    n_batches = -(-n_eval // suite.eval.batch_size)
-    bar = tqdm(
-        total=n_batches * len(methods),
-        desc=f"{mc.label} x {dc.label}",
-        unit="method-batch",
-        disable=None if spec.progress else True,
-    )
-    examples: dict[str, np.ndarray] = {}
-    explained: dict[str, int] = {}  # images explained so far, per method
-    scored: dict[tuple[str, str], int] = {}  # images scored so far, per cell
-    for batch in _batches(eval_set, indices, suite.eval.batch_size):
-        if not examples:
-            k = min(EXAMPLES, len(batch["ids"]))
-            examples["images"] = batch["x"][:k].numpy().astype(np.float32)
-            examples["ids"] = np.array(batch["ids"][:k], dtype=str)
-            if batch["mask"] is not None:
-                examples["masks"] = batch["mask"][:k].numpy().astype(bool)
-        x_all = batch["x"].to(device)
-        labels_all = batch["labels"].to(device)
-        with torch.inference_mode():
-            logits_all = model(x_all)
-        target_all = logits_all.argmax(1) if suite.eval.target == "predicted" else labels_all
-        correct_all = (logits_all.argmax(1) == labels_all).cpu().numpy()
-        # one forward + backward for every gradient CAM of the batch
-        shared = SharedPass(model, x_all, target_all, layer=layer)
-        for m in methods:
-            bar.update(1)
-            pending = [k for k in metrics if (m.label, k.label) not in status]
+        return skipped_result(plan, str(exc))
+    state = GroupState(plan)
+    n_batches = -(-len(prep.indices) // plan.eval.batch_size)
+    progress = Progress(n_batches * len(plan.methods), plan.name, bar=spec.progress)
+    for batch in batches(prep, plan, torch.device(spec.device)):
+        for m in plan.methods:
             # an entry's max_images caps the images it sees: the first ones of the draw
-            n_m = _take(m, explained, m.label, len(x_all))
-            if not pending or n_m == 0:
-                continue
-            fn = METHODS.get(m.use).obj
-            opts = _call_options(fn, builder_options(m, "methods"), suite.seed)
+            n = state.take(m, m.label, len(batch.x))
+            if state.pending(m) and n:
+                maps = explain(state, prep, batch, m, n)
+                if maps is not None:
+                    state.keep_examples(batch, m.label, maps)
+                    score(state, prep, batch, m, maps, n)
+            progress.step(f"batch {batch.index + 1}/{n_batches} {m.label}")
+    progress.close()
+    return state.result(prep.report)
 
-            def explain(mod, xx, tt, fn=fn, opts=opts):
-                return fn(mod, xx, tt, layer=layer, **opts).maps
 
-            x, target = x_all[:n_m], target_all[:n_m]
-            try:
-                done = (
-                    shared.explain(m.use, builder_options(m, "methods"))
-                    if n_m == len(x_all)
-                    else None
-                )
-                maps_all = done.maps if done is not None else explain(model, x, target)
-                key = f"maps__{m.label}"
-                if key not in examples and len(maps_all) >= len(examples["ids"]):
-                    k = len(examples["ids"])
-                    examples[key] = maps_all[:k].detach().float().cpu().numpy()
-            except NotApplicable as exc:
-                for k in pending:
-                    status[(m.label, k.label)] = _cell(
-                        mc.label, dc.label, m.label, k.label, "not_applicable", f"{m.label}: {exc}"
-                    )
-                continue
-            except Exception as exc:  # recorded, the run goes on
-                log(
-                    f"error in method {m.label} on {mc.label} x {dc.label}:\n{traceback.format_exc()}"
-                )
-                for k in pending:
-                    status[(m.label, k.label)] = _cell(
-                        mc.label, dc.label, m.label, k.label, "error", f"{m.label}: {_short(exc)}"
-                    )
-                continue
-            for k in pending:
-                n = _take(k, scored, (m.label, k.label), n_m)
-                if n == 0:
-                    continue
-                ids = batch["ids"][:n]
-                labels, correct = labels_all[:n], correct_all[:n]
-                ctx = MetricContext(
-                    model=model,
-                    x=x[:n],
-                    labels=labels,
-                    target=target[:n],
-                    maps=maps_all[:n].to(device),
-                    logits=logits_all[:n],
-                    ids=ids,
-                    masks=None if batch["mask"] is None else batch["mask"][:n].to(device),
-                    organ_masks=None
-                    if batch["organ_mask"] is None
-                    else batch["organ_mask"][:n].to(device),
-                    explain=explain,
-                    seed=suite.seed,
-                    batch_size=suite.eval.forward_batch,
-                )
-                try:
-                    scores = METRICS.get(k.use).obj(ctx, **builder_options(k, "metrics"))
-                except NotApplicable as exc:
-                    status[(m.label, k.label)] = _cell(
-                        mc.label, dc.label, m.label, k.label, "not_applicable", f"{k.label}: {exc}"
-                    )
-                    continue
-                except Exception as exc:
-                    log(
-                        f"error in metric {k.label} for {m.label} on {mc.label} x {dc.label}:\n{traceback.format_exc()}"
-                    )
-                    status[(m.label, k.label)] = _cell(
-                        mc.label, dc.label, m.label, k.label, "error", f"{k.label}: {_short(exc)}"
-                    )
-                    continue
-                base = dict(model=mc.label, dataset=dc.label, method=m.label, metric=k.label)
-                kept_any = 0
-                excluded = 0
-                for output, values in scores.values.items():
-                    values = np.asarray(values, dtype=np.float64).reshape(-1)
-                    keep = np.isfinite(values)
-                    if output == "value":
-                        kept_any, excluded = int(keep.sum()), int((~keep).sum())
-                    rows.append(
-                        pd.DataFrame(
-                            {
-                                **base,
-                                "output": output,
-                                "sample_id": np.array(ids, dtype=object)[keep],
-                                "label": labels.cpu().numpy()[keep],
-                                "target": target[:n].cpu().numpy()[keep],
-                                "correct": correct[keep],
-                                "value": values[keep],
-                            }
-                        )
-                    )
-                for name, curve in scores.curves.items():
-                    curves.append(
-                        pd.DataFrame(
-                            {
-                                **base,
-                                "curve": name,
-                                "sample_id": ids,
-                                "values": [list(map(float, c)) for c in np.asarray(curve)],
-                            }
-                        )
-                    )
-                c = counts.setdefault((m.label, k.label), [0, 0, ""])
-                c[0] += kept_any
-                c[1] += excluded
-                if excluded and scores.unscored:
-                    c[2] = scores.unscored
-    bar.close()
-
-    cells = []
-    for m in methods:
-        for k in metrics:
-            if (m.label, k.label) in status:
-                cells.append(status[(m.label, k.label)])
-            else:
-                n, excl, why = counts.get((m.label, k.label), [0, 0, ""])
-                why = why or "the metric gave no value"
-                reason = f"{excl} image(s) not scored: {why}" if excl else ""
-                cells.append(
-                    _cell(
-                        mc.label,
-                        dc.label,
-                        m.label,
-                        k.label,
-                        "ok" if n else "not_applicable",
-                        reason or ("no image scored" if not n else ""),
-                        n,
-                        excl,
-                    )
-                )
-    report = {**trained.report, "layer": layer, "n_eval": n_eval}
+def skipped_result(plan: GroupPlan, why: str) -> GroupResult:
+    """A group whose data is missing: every cell skipped with the reason."""
+    cells = [c.becomes(Status.SKIPPED, why) for c in plan.cells]
     return GroupResult(
-        _concat(rows, ROW_COLUMNS),
-        _concat(curves, CURVE_COLUMNS),
-        pd.DataFrame(cells, columns=CELL_COLUMNS),
-        report,
-        examples=examples,
+        _concat([], ROW_COLUMNS), _concat([], CURVE_COLUMNS), cells_frame(cells), skipped=why
     )
 
 
-def _concat(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+def failed_result(plan: GroupPlan, exc: BaseException) -> GroupResult:
+    """A group that raised as a whole: its planned cells become errors with the message;
+    cells the plan already decided (not applicable, excluded) keep their status."""
+    why = f"group {plan.name} failed: {_short(exc)}"
+    cells = [c.becomes(Status.ERROR, why) if c.status is Status.PLANNED else c for c in plan.cells]
+    return GroupResult(
+        _concat([], ROW_COLUMNS), _concat([], CURVE_COLUMNS), cells_frame(cells), error=why
+    )
 
 
 def group_specs(
-    suite: Suite, *, device: str, data_root: str | None, cache_dir: str, progress: bool = True
+    plan_groups, *, device: str, cache_dir: str, progress: bool = True
 ) -> list[GroupSpec]:
-    """The (model, dataset) groups of a suite, in suite order."""
+    """A spec per group of the plan, in plan order."""
     return [
-        GroupSpec(
-            suite, m, d, device=device, data_root=data_root, cache_dir=cache_dir, progress=progress
-        )
-        for d in suite.datasets
-        for m in suite.models
+        GroupSpec(g, device=device, cache_dir=cache_dir, progress=progress) for g in plan_groups
     ]
 
 
@@ -439,86 +427,3 @@ def check_device(device: str) -> str:
             f"--device {device!r} is not a device torch knows; use cpu, cuda, cuda:N or auto"
         ) from None
     return device
-
-
-@dataclass
-class PlannedGroup:
-    """A (model, dataset) group as the dry run sees it, before any data is read."""
-
-    model: str
-    dataset: str
-    data: str  # "synthetic", "real: <root>" or "missing: <how to provide it>"
-    cells: list[dict[str, Any]]  # model, dataset, method, metric, status, reason
-    passes: dict[str, str]  # method -> the passes it costs per image
-
-
-def static_reason(mc: Component, dc: Component, m: Component, k: Component) -> str:
-    """Why a cell cannot apply, from the registries' metadata alone ("" if it may apply)."""
-    model_info = MODELS.get(mc.use).info
-    if "gap_head" in METHODS.get(m.use).info.needs and not model_info.gap_head:
-        return f"{m.label} needs a GAP + linear head; {mc.label} has a fully-connected head"
-    data_info = DATASETS.get(dc.use).info
-    return needs_reason(k, dc, {"masks": data_info.masks, "organ_masks": data_info.organ_masks})
-
-
-def plan(suite: Suite, *, data_root: str | None) -> list[PlannedGroup]:
-    """The cells a run would fill, the ones that cannot apply with their reasons, and the
-    passes each method costs, without reading data or training anything."""
-    out = []
-    for dc in suite.datasets:
-        try:
-            root = resolve_data_root(dc, data_root)
-            data = "synthetic" if root is None else f"real: {root}"
-            if root is not None and not Path(root).is_dir():
-                raise DataNotFound(f"data root {root} is not a directory")
-        except DataNotFound as exc:
-            data = f"missing: {exc}"
-        for mc in suite.models:
-            cells = []
-            for m in suite.methods:
-                for k in suite.metrics:
-                    reason = static_reason(mc, dc, m, k)
-                    status = "not_applicable" if reason else "planned"
-                    if not reason and (why := suite.excluded(mc.label, dc.label, m.label, k.label)):
-                        status, reason = "excluded", why
-                    if data.startswith("missing"):
-                        status, reason = "skipped", data
-                    cells.append(_cell(mc.label, dc.label, m.label, k.label, status, reason))
-            passes = {m.label: METHODS.get(m.use).info.cost for m in suite.methods}
-            out.append(PlannedGroup(mc.label, dc.label, data, cells, passes))
-    return out
-
-
-def format_plan(suite: Suite, groups: list[PlannedGroup]) -> str:
-    """The dry run's report: per group, its data, cell counts, reasons and method costs."""
-    lines = [
-        f"suite {suite.name} v{suite.version}: {len(suite.models)} model(s) x "
-        f"{len(suite.datasets)} dataset(s) x {len(suite.methods)} method(s) x "
-        f"{len(suite.metrics)} metric(s), {suite.eval.max_images} images per group, "
-        f"seed {suite.seed}"
-    ]
-    total = {"planned": 0, "not_applicable": 0, "excluded": 0, "skipped": 0}
-    for g in groups:
-        counts = {s: sum(c["status"] == s for c in g.cells) for s in total}
-        for s in total:
-            total[s] += counts[s]
-        lines.append(
-            f"\n{g.model} x {g.dataset} ({g.data}): {counts['planned']} cells to run, "
-            f"{counts['not_applicable']} not applicable, {counts['excluded']} excluded by the "
-            f"suite, {counts['skipped']} skipped"
-        )
-        reasons: dict[tuple[str, str], int] = {}
-        for c in g.cells:
-            if c["status"] in ("not_applicable", "excluded"):
-                key = (c["status"], c["reason"])
-                reasons[key] = reasons.get(key, 0) + 1
-        for (what, reason), n in reasons.items():
-            lines.append(f"  {what.replace('_', ' ')} ({n} cells): {reason}")
-    lines.append("\npasses per image and method (F forward, B backward):")
-    for label, cost in (groups[0].passes if groups else {}).items():
-        lines.append(f"  {label:<24} {cost}")
-    lines.append(
-        f"\ntotal: {total['planned']} cells to run, {total['not_applicable']} not applicable, "
-        f"{total['excluded']} excluded by the suite, {total['skipped']} skipped for missing data"
-    )
-    return "\n".join(lines)

@@ -79,6 +79,7 @@ KINDS = ("models", "datasets", "methods", "metrics")
 #   datasets: root (data directory), train (TrainConfig overrides for this dataset)
 #   methods, metrics: max_images (the entry sees only the first N evaluation images of each
 #             (model, dataset): for costly methods and metrics; n is reported per cell)
+PIPELINE_FIELDS = ("layer", "checkpoint", "train", "train_on", "root", "max_images")
 ENTRY_KEYS = {
     "models": ("layer", "checkpoint", "train", "train_on"),
     "datasets": ("root", "train"),
@@ -116,11 +117,38 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Component:
-    """One entry of a suite: its label in the results, the registry name it uses, options."""
+    """One entry of a suite: its label in the results, the registry name it uses, the
+    keyword options of the registered callable, and the pipeline fields the harness reads
+    itself (never passed to the callable; each belongs to the kinds ``ENTRY_KEYS`` names).
+
+    layer: target layer of the methods (models; default: the zoo's).
+    checkpoint: the user's weights for a zoo model, nothing is trained (models).
+    train: TrainConfig overrides (models: on every dataset; datasets).
+    train_on: dataset label -> TrainConfig overrides for this model on that dataset (models).
+    root: the data directory of a real dataset (datasets).
+    max_images: the entry sees only the first N evaluation images of each group (methods,
+        metrics: for costly entries; every cell reports its n).
+    """
 
     label: str
     use: str
     options: dict[str, Any] = field(default_factory=dict)
+    layer: str | None = None
+    checkpoint: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    train_on: dict[str, dict[str, Any]] = field(default_factory=dict)
+    root: str | None = None
+    max_images: int | None = None
+
+    def pipeline(self) -> dict[str, Any]:
+        """The pipeline fields that are set, by name."""
+        fields_ = {name: getattr(self, name) for name in PIPELINE_FIELDS}
+        return {k: v for k, v in fields_.items() if v not in (None, {})}
+
+    def resolved(self) -> dict[str, Any]:
+        """The entry as plain data, as the suite file wrote it: ``use``, pipeline fields,
+        options (the form the manifest and the config hash read)."""
+        return {"use": self.use, **self.pipeline(), **self.options}
 
 
 @dataclass(frozen=True)
@@ -171,7 +199,7 @@ class Suite:
 
     def resolved(self) -> dict[str, Any]:
         """The suite as plain data, after includes, defaults and filters."""
-        comp = lambda cs: {c.label: {"use": c.use, **c.options} for c in cs}  # noqa: E731
+        comp = lambda cs: {c.label: c.resolved() for c in cs}  # noqa: E731
         return {
             "name": self.name,
             "version": self.version,
@@ -305,7 +333,8 @@ def _components(
             _config(path, f"{kind}.{label}.train", TrainConfig, opts["train"])
         for dataset, train in _table(path, f"[{kind}.{label}] train_on", opts, "train_on"):
             _config(path, f"{kind}.{label}.train_on.{dataset}", TrainConfig, train)
-        out.append(Component(label=label, use=entry.name, options=opts))
+        pipeline = {k: opts.pop(k) for k in ENTRY_KEYS.get(kind, ()) if k in opts}
+        out.append(Component(label=label, use=entry.name, options=opts, **pipeline))
     return tuple(out)
 
 
@@ -324,7 +353,7 @@ def _check_train_on(path: str, models: tuple[Component, ...], datasets: tuple[Co
     """Every ``train_on`` key of a model entry names a dataset entry of the suite."""
     labels = [d.label for d in datasets]
     for model in models:
-        for dataset in model.options.get("train_on", {}):
+        for dataset in model.train_on:
             if dataset not in labels:
                 raise _no_match(
                     dataset,
@@ -425,12 +454,6 @@ def load_suite(name_or_path: str) -> Suite:
         raise UserError(f"suite file {where}: {exc}") from None
 
 
-def builder_options(component: Component, kind: str) -> dict[str, Any]:
-    """The options a component passes to its registered callable (without its entry keys)."""
-    skip = ENTRY_KEYS.get(kind, ())
-    return {k: v for k, v in component.options.items() if k not in skip}
-
-
 def train_config(suite: Suite, model: Component, dataset: Component) -> TrainConfig:
     """The suite's [train], overridden by the dataset entry's ``train``, then the model's
     ``train``, then the model's ``train_on`` entry for this dataset."""
@@ -439,9 +462,9 @@ def train_config(suite: Suite, model: Component, dataset: Component) -> TrainCon
     return dataclasses.replace(
         suite.train,
         **{
-            **dataset.options.get("train", {}),
-            **model.options.get("train", {}),
-            **model.options.get("train_on", {}).get(dataset.label, {}),
+            **dataset.train,
+            **model.train,
+            **model.train_on.get(dataset.label, {}),
         },
     )
 

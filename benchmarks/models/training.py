@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.core.errors import UserError
+from benchmarks.core.files import atomic_write
 from benchmarks.models.zoo import MODELS, build_model
 from datasets.base import DATASETS, ImageDataset
 
@@ -50,18 +49,6 @@ class TrainedModel:
     model: nn.Module
     report: dict[str, Any]
     checkpoint: Path
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def stack(dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,6 +239,16 @@ def _with_validation(
     return True
 
 
+def set_normalization(model: nn.Module, images: torch.Tensor) -> None:
+    """Give a model that normalizes its own inputs (a ``normalize`` submodule with
+    ``set_stats``, as every zoo model has) the training images' per-channel mean and std. A
+    model without one takes the [0, 1] images as they are: its normalization, if any, is
+    its own."""
+    normalize = getattr(model, "normalize", None)
+    if callable(getattr(normalize, "set_stats", None)):
+        normalize.set_stats(images.mean(dim=(0, 2, 3)), images.std(dim=(0, 2, 3)))
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, *, what: str) -> None:
     """Load a state dict saved with ``torch.save(model.state_dict(), path)`` into ``model``
     (``weights_only=True``); any failure is a UserError naming the file and what was expected.
@@ -314,8 +311,7 @@ def get_trained_model(
 
     model = fresh()
     if checkpoint is not None:
-        images, _ = stack(train_set)
-        model.normalize.set_stats(images.mean(dim=(0, 2, 3)), images.std(dim=(0, 2, 3)))
+        set_normalization(model, stack(train_set)[0])
         load_checkpoint(model, checkpoint, what=f"model {model_name} on {dataset_name}")
         model.to(device).eval()
         report = _evaluate(model, test_set, device)
@@ -349,7 +345,7 @@ def get_trained_model(
             model = fresh()
 
     images, labels = stack(train_set)
-    model.normalize.set_stats(images.mean(dim=(0, 2, 3)), images.std(dim=(0, 2, 3)))
+    set_normalization(model, images)
     start = time.perf_counter()
     train(
         model,
@@ -371,12 +367,10 @@ def get_trained_model(
         train=asdict(config),
     )
     _with_validation(report, model, val_set, device)
-    _atomic_write(
-        ckpt, lambda p: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, p)
-    )
+    atomic_write(ckpt, lambda p: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, p))
     _write_report(report_path, report)
     return TrainedModel(model.eval(), report, ckpt)
 
 
 def _write_report(path: Path, report: dict[str, Any]) -> None:
-    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    atomic_write(path, json.dumps(report, indent=2))

@@ -2,7 +2,9 @@
 
 Every model takes images on the [0, 1] scale and normalizes them itself (its first module,
 ``normalize``, holds the training set's per-channel mean and std), so perturbations and
-attacks are defined on the image scale. Each entry names its default target layer.
+attacks are defined on the image scale. Each entry names its default target layer. A model
+registered without a ``normalize`` module is given the [0, 1] images as they are
+(``training.set_normalization``): its normalization, if any, is its own.
 
 >>> model = build_model("gapcnn", in_channels=1, num_classes=2)
 >>> MODELS.get("gapcnn").info.default_layer

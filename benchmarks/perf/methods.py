@@ -42,8 +42,8 @@ import torchvision
 from torch import nn
 
 from benchmarks.core.errors import UserError
+from benchmarks.core.files import atomic_write
 from benchmarks.engine.group import check_device
-from benchmarks.engine.store import atomic_write_text
 from cams import METHODS
 from cams.gradient_cams import gradient_cams
 from metrics.cost import timed
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(
         results, budget=budget, device=device, quick=args.quick, started=started, load=load
     )
-    atomic_write_text(args.out, text)
+    atomic_write(args.out, text)
     print(text)
     return 0
 

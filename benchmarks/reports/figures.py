@@ -1,6 +1,8 @@
 """Paper figures from a run folder: ``python -m benchmarks.figures RUN [--out DIR] [--formats pdf png]``.
 
-Reads what ``python -m benchmarks.run --out RUN`` wrote (see ``benchmarks/engine/store.py``) and
+Reads what ``python -m benchmarks.run --out RUN`` wrote through ``benchmarks/engine/store.py``
+(the metrics' kinds and directions come from the run's manifest, never from the live
+registries, so renamed entries and runs of older versions still draw) and
 writes each figure once per format to ``RUN/figures/`` (or ``--out``). A figure whose inputs
 are absent (a file, a metric, a method) is skipped with a one-line note on stderr; the
 others are still written. File names, with M the model and D the dataset label:
@@ -10,9 +12,9 @@ others are still written. File names, with M the model and D the dataset label:
                                    (``groups/M--D/examples.npz``)
     morf--M--D--METRIC             mean MoRF curve f(x^(k)) per method, and the running AOPC
                                    after k perturbation steps (curves of ``aopc_morf``)
-    ranks--M--D, ranks--mean       method x metric ranks from ``leaderboard.csv`` and
-                                   ``leaderboard-cost.csv`` (time), per group and averaged
-                                   over groups (when there are several)
+    ranks--M--D, ranks--mean       method x metric ranks from the run's leaderboard
+                                   (``leaderboard.parquet``; the CSV files for runs of
+                                   older versions), per group and averaged over groups
     pareto--M--D--AOPC--TIME       seconds per image (log) against AOPC-MoRF, Pareto front of
                                    lower time and higher AOPC
     sanity--M--D--METRIC           similarity to the original map after each step of the
@@ -32,11 +34,8 @@ Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, n
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,8 +49,9 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.core.errors import UserError
-from benchmarks.engine.store import group_key, stored_files
-from benchmarks.reports.leaderboard import CSV_NAME, HOST_CSV_NAME, bootstrap_ci
+from benchmarks.core.files import atomic_write
+from benchmarks.engine.store import StoredRun, group_key, read_run, split_group_key, stored_files
+from benchmarks.reports.leaderboard import bootstrap_ci
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 MAX_SCATTER_POINTS = 20_000
@@ -130,65 +130,6 @@ def slug(text: str) -> str:
 # The run folder
 
 
-def _canonical(kind: str, use: str) -> str:
-    """The registry's canonical name for ``use`` (an alias resolves); unknown names and an
-    unavailable registry leave ``use`` as it is."""
-    try:
-        if kind == "metrics":
-            from metrics import METRICS as reg
-        else:
-            from cams import METHODS as reg
-        return reg.get(use).name
-    except Exception:  # an old run may name entries that no longer exist
-        return use
-
-
-def metric_kind(use: str) -> str | None:
-    """The registry kind of a metric (faithfulness, robustness, ...), None if unknown."""
-    try:
-        from metrics import METRICS
-
-        return METRICS.get(use).info.kind
-    except Exception:
-        return None
-
-
-def _read_parquet(path: Path) -> pd.DataFrame | None:
-    if not path.exists():
-        return None
-    try:
-        return pd.read_parquet(path)
-    except Exception as exc:
-        raise UserError(
-            f"cannot read {path} ({type(exc).__name__}); rerun python -m benchmarks.run to rewrite it"
-        ) from None
-
-
-def _read_leaderboard(path: Path) -> pd.DataFrame | None:
-    if not path.exists():
-        return None
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        for col in ("mean", "ci_low", "ci_high", "rank", "n"):
-            table[col] = pd.to_numeric(table[col], errors="coerce")
-    except Exception as exc:
-        raise UserError(
-            f"cannot read {path} ({type(exc).__name__}); rerun python -m benchmarks.run to rewrite it"
-        ) from None
-    table["higher_is_better"] = table["higher_is_better"].str.lower() == "true"
-    return table
-
-
-def _read_leaderboards(root: Path) -> pd.DataFrame | None:
-    """``leaderboard.csv`` with the host measurements (time) of ``leaderboard-cost.csv``
-    appended, as one table; None when the run has neither."""
-    parts = [_read_leaderboard(root / name) for name in (CSV_NAME, HOST_CSV_NAME)]
-    parts = [p for p in parts if p is not None and len(p)]
-    if not parts:
-        return _read_leaderboard(root / CSV_NAME)  # None, or a header-only table
-    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-
-
 @dataclass
 class RunFolder:
     """What a run folder holds, loaded once; absent files are None."""
@@ -198,40 +139,35 @@ class RunFolder:
     curves: pd.DataFrame | None
     leaderboard: pd.DataFrame | None
     suite: dict[str, Any] = field(default_factory=dict)
+    stored: StoredRun | None = None
 
     @classmethod
     def load(cls, root: str | Path) -> RunFolder:
-        root = Path(root)
-        if not root.is_dir():
-            raise UserError(
-                f"run folder {root} does not exist; give the --out folder of python -m benchmarks.run"
-            )
-        suite: dict[str, Any] = {}
-        manifest = root / "manifest.json"
-        if manifest.exists():
-            try:
-                suite = json.loads(manifest.read_text()).get("suite") or {}
-            except (json.JSONDecodeError, AttributeError):
-                note(f"{manifest} is not a JSON object; labels are taken as registry names")
+        stored = read_run(root)
         run = cls(
-            root,
-            _read_parquet(root / "rows.parquet"),
-            _read_parquet(root / "curves.parquet"),
-            _read_leaderboards(root),
-            suite,
+            stored.root,
+            stored.rows,
+            stored.curves,
+            stored.leaderboard,
+            stored.manifest.suite,
+            stored,
         )
         if run.rows is None and run.curves is None and run.leaderboard is None:
-            if not stored_files(root / "groups", "examples.npz"):
+            if not stored_files(stored.root / "groups", "examples.npz"):
                 raise UserError(
-                    f"{root} holds no results (rows.parquet, curves.parquet, leaderboard.csv); "
-                    f"write them first with python -m benchmarks.run --suite NAME --out {root}"
+                    f"{stored.root} holds no results (rows.parquet, curves.parquet, leaderboard); "
+                    f"write them first with python -m benchmarks.run --suite NAME --out {stored.root}"
                 )
         return run
 
     def use(self, kind: str, label: str) -> str:
-        """Canonical registry name behind a suite label (``metrics`` or ``methods``)."""
-        entry = (self.suite.get(kind) or {}).get(label) or {}
-        return _canonical(kind, str(entry.get("use", label)))
+        """The registry name a label of ``metrics`` or ``methods`` used in the run."""
+        meta = self.stored.metric(label) if kind == "metrics" else self.stored.method(label)
+        return str(meta.get("use", label))
+
+    def metric_info(self, label: str) -> dict[str, Any]:
+        """The run's metadata of a metric label (kind, higher_is_better, ...)."""
+        return self.stored.metric(label)
 
     def labels(self, kind: str, uses: Iterable[str], present: Iterable[str]) -> list[str]:
         """The labels among ``present`` whose registry name is one of ``uses``, in suite order."""
@@ -256,9 +192,8 @@ class RunFolder:
                 pairs.add((m, d))
         if not models:
             for path in stored_files(self.root / "groups", "examples.npz"):
-                m, sep, d = path.parent.name.partition("--")
-                if sep:
-                    pairs.add((m, d))
+                if pair := split_group_key(path.parent.name):
+                    pairs.add(pair)
         return sorted(pairs, key=lambda p: (p[1], p[0]))
 
     @cached_property
@@ -358,15 +293,6 @@ def _figure(width: float, height: float):
 
 def _arrow(higher_is_better: bool | None) -> str:
     return "" if higher_is_better is None else (" ↑" if higher_is_better else " ↓")
-
-
-def _direction(use: str) -> bool | None:
-    try:
-        from metrics import METRICS
-
-        return METRICS.get(use).info.higher_is_better
-    except Exception:
-        return None
 
 
 def _curves(run: RunFolder, model: str, dataset: str, metric: str, curve: str):
@@ -629,8 +555,8 @@ def fig_robustness(run: RunFolder, model: str, dataset: str, metrics: list[str])
             color=[colors[m] for m in names],
             capsize=3,
         )
-        use = run.use("metrics", metric)
-        ax.set_title(f"{metric}{_arrow(_direction(use))} ({metric_kind(use)})")
+        info = run.metric_info(metric)
+        ax.set_title(f"{metric}{_arrow(info.get('higher_is_better'))} ({info.get('kind')})")
         ax.set_ylabel("mean over images (95% CI)")
         ax.tick_params(axis="x", labelrotation=45)
     fig.suptitle(f"robustness: {model} on {dataset}")
@@ -696,7 +622,7 @@ def _jobs(run: RunFolder) -> Iterator[tuple[str, Callable[[], Any]]]:
     robust = [
         lab
         for lab in run.order("metrics", metric_labels)
-        if metric_kind(uses[lab]) in ("robustness", "adversarial")
+        if run.metric_info(lab).get("kind") in ("robustness", "adversarial")
     ]
 
     for m, d in groups:
@@ -718,7 +644,7 @@ def _jobs(run: RunFolder) -> Iterator[tuple[str, Callable[[], Any]]]:
             yield stem, lambda m=m, d=d, k=metric: fig_sanity(run, m, d, k)
 
     if run.leaderboard is None:
-        note("skipped rank tables: no leaderboard.csv")
+        note("skipped rank tables: the run has no leaderboard")
     else:
         ranked = run.leaderboard[run.leaderboard["status"] == "ok"]
         ranked_groups = sorted(
@@ -730,7 +656,7 @@ def _jobs(run: RunFolder) -> Iterator[tuple[str, Callable[[], Any]]]:
             yield "ranks--mean", lambda: fig_ranks(run, None, None)
 
     if run.summary is None:
-        note("skipped time vs AOPC and robustness: no leaderboard.csv or rows.parquet")
+        note("skipped time vs AOPC and robustness: the run has no leaderboard or rows.parquet")
     else:
         if not aopc or not time:
             note("skipped time vs AOPC: the run needs both an aopc_morf and a time metric")
@@ -775,16 +701,11 @@ def save(fig, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
     paths = []
     for fmt in formats:
         path = out_dir / f"{stem}.{fmt}"
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            # no creation date in the PDF, so a rerun gives the same file
-            meta = {"CreationDate": None} if fmt == "pdf" else None
-            fig.savefig(tmp, format=fmt, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # no creation date in the PDF, so a rerun gives the same file
+        meta = {"CreationDate": None} if fmt == "pdf" else None
+        atomic_write(
+            path, lambda tmp, fmt=fmt, meta=meta: fig.savefig(tmp, format=fmt, metadata=meta)
+        )
         paths.append(path)
     return paths
 

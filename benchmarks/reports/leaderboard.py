@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from benchmarks.engine.store import group_key, split_group_key
+
 BOOTSTRAP_SAMPLES = 1000
 KEYS = ["dataset", "model", "method", "metric"]
 COLUMNS = [*KEYS, "higher_is_better", "mean", "ci_low", "ci_high", "n", "rank", "status", "reason"]
@@ -195,7 +197,7 @@ def blocks(
                 & (ranks["method"] == method)
             ]
             rows.append((method, cells, f"{mr['mean_rank'].iloc[0]:.2f}" if len(mr) else ""))
-        key = f"{model}--{dataset}"
+        key = group_key(model, dataset)
         report = ""
         if reports and key in reports and "accuracy" in reports[key]:
             rep = reports[key]
@@ -292,7 +294,7 @@ def model_comparison(
     for dataset in sorted(set(table["dataset"])):
         rows = []
         for key, rep in sorted(reports.items()):
-            model, _, ds = key.partition("--")
+            model, ds = split_group_key(key) or (key, "")
             if ds != dataset or "accuracy" not in rep:
                 continue
             classes = rep.get("classes", {}).values()
@@ -395,3 +397,29 @@ def to_latex(
         lines += [f"\\item[{i}] {tex_escape(t)}" for t, i in footnotes.items()]
         lines += ["\\end{itemize}"]
     return "\n".join(lines) + "\n"
+
+
+def views(
+    table: pd.DataFrame,
+    *,
+    title: str,
+    notes: list[str],
+    host_metrics: Iterable[str],
+    reports: dict[str, dict] | None = None,
+    compare_metric: str | None = None,
+) -> dict[str, str]:
+    """The leaderboard's text files, by name, from its numeric table (``aggregate``):
+    ``leaderboard.csv`` (reproducible metrics), ``leaderboard-cost.csv`` (host
+    measurements), ``leaderboard.md`` and ``leaderboard.tex`` (both)."""
+    reproducible, host_table = split_host_dependent(table, host_metrics)
+    notes = list(notes)
+    if note := host_note(set(host_table["metric"])):
+        notes.insert(1, note)
+    return {
+        CSV_NAME: to_csv(reproducible),
+        HOST_CSV_NAME: to_csv(host_table),
+        "leaderboard.md": to_markdown(
+            table, title=title, reports=reports, notes=notes, compare_metric=compare_metric
+        ),
+        "leaderboard.tex": to_latex(table, title=title, reports=reports, notes=notes),
+    }

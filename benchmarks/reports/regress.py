@@ -51,6 +51,7 @@ still checked cell by cell, by label; the output says that the config differs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -64,7 +65,8 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.core.errors import UserError
-from benchmarks.engine.store import atomic_write_text
+from benchmarks.core.files import atomic_write
+from benchmarks.engine.store import read_run as read_stored_run
 from benchmarks.reports.leaderboard import KEYS, bootstrap_ci
 
 FORMAT = "cambench-regression-baseline/1"
@@ -243,16 +245,14 @@ def read_run(path: str | Path) -> Run:
             f"run folder {root} has no {', '.join(missing)}; it is not a finished run "
             "(rerun `python -m benchmarks.run` with --out there to complete it)"
         )
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-        rows = pd.read_parquet(
-            root / "rows.parquet", columns=[*KEYS, "output", "sample_id", "value"]
-        )
-        cells = pd.read_parquet(root / "cells.parquet", columns=[*KEYS, "status", "reason"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"run folder {root} cannot be read ({_one_line(exc)})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("suite"), dict):
+    stored = read_stored_run(root)
+    if not stored.manifest.suite:
         raise UserError(f"{root / 'manifest.json'} has no resolved 'suite'; rerun the suite")
+    try:
+        rows = stored.rows[[*KEYS, "output", "sample_id", "value"]]
+        cells = stored.cells[[*KEYS, "status", "reason"]]
+    except KeyError as exc:
+        raise UserError(f"run folder {root} cannot be read ({_one_line(exc)})") from None
     rows = rows[rows["output"] == "value"]
     values = {
         tuple(map(str, key)): pd.Series(
@@ -267,6 +267,7 @@ def read_run(path: str | Path) -> Run:
         )
         for r in cells.itertuples()
     }
+    manifest = dataclasses.asdict(stored.manifest)
     return Run(root=root, manifest=manifest, values=values, cells=statuses)
 
 
@@ -340,8 +341,6 @@ def clearly_better(
 
 def make_baseline(run: Run) -> dict[str, Any]:
     """The baseline of a finished run: its quality cells and the orderings against random."""
-    from metrics import METRICS
-
     status = run.manifest.get("status")
     if status != "finished":
         raise UserError(
@@ -361,8 +360,13 @@ def make_baseline(run: Run) -> dict[str, Any]:
             raise UserError(
                 f"run {run.root}: metric {metric!r} is not in the manifest's suite; rerun the suite"
             )
-        info = METRICS.get(opts.get("use", metric)).info
-        if info.kind in UNGATED_KINDS:
+        info = run.manifest["metrics"].get(metric) or {}
+        if "kind" not in info or "higher_is_better" not in info:
+            raise UserError(
+                f"run {run.root}: the manifest does not say what metric {metric!r} measures "
+                "(its kind and direction); rerun the suite with this version"
+            )
+        if info["kind"] in UNGATED_KINDS:
             continue
         vals = run.values[key]
         if not vals.index.is_unique:
@@ -378,8 +382,8 @@ def make_baseline(run: Run) -> dict[str, Any]:
                 "method": method,
                 "metric": metric,
                 "use": opts.get("use", metric),
-                "kind": info.kind,
-                "higher_is_better": bool(info.higher_is_better),
+                "kind": info["kind"],
+                "higher_is_better": bool(info["higher_is_better"]),
                 "mean": float(vals.mean()),
                 "ci": [lo, hi],
                 "n": len(vals),
@@ -455,7 +459,7 @@ def write_baseline(run_dir: str | Path, path: str | Path) -> dict[str, Any]:
     baseline = make_baseline(read_run(run_dir))
     path = Path(path)
     try:
-        atomic_write_text(path, dumps_baseline(baseline))
+        atomic_write(path, dumps_baseline(baseline))
     except OSError as exc:
         raise UserError(
             f"cannot write baseline {path} ({exc.strerror}); choose another path"

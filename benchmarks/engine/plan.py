@@ -1,0 +1,331 @@
+"""The plan as data: every cell (model, dataset, method, metric) a run will fill, with its
+status and reason, decided in one place before any data is read or model trained.
+
+``make_plan`` resolves a suite into ``GroupPlan`` s, one per (model, dataset): the unit an
+executor runs. Each planned cell is ``planned`` (it will run), ``not_applicable`` (the
+metric needs data the dataset does not have: the reason says which), ``excluded`` (the
+suite leaves it out, with the suite's reason) or ``skipped`` (the dataset's real data is
+missing). A group receives its planned cells and only adds what it learns at run time: a
+method or metric raising ``NotApplicable`` (a CAM on a model without a GAP head: the
+method, not the zoo's metadata, decides that), a cell whose images all went unscored
+(``no_image_scored``), an error.
+
+Each group carries a fingerprint: the hash of everything that decides its results (the
+resolved model, dataset and training settings, the seed, the evaluation settings, every
+cell with its method's and metric's options and versions). The store keeps it beside the
+group's results, and a rerun reuses a stored group only when the fingerprints match.
+
+>>> Status.NO_IMAGE_SCORED.value
+'no_image_scored'
+>>> Cell("m", "d", "gradcam", "aopc", Status.OK, n=3).record()["status"]
+'ok'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from benchmarks.core.errors import DataNotFound
+from benchmarks.engine.store import group_key
+from benchmarks.engine.suite import Component, EvalConfig, Suite, train_config
+from benchmarks.models.training import TrainConfig
+
+FINGERPRINT_FORMAT = 1  # bump when what a group computes changes for every entry
+
+
+class Status(str, Enum):
+    """What became of a cell."""
+
+    PLANNED = "planned"  # in the plan: it will run
+    OK = "ok"  # ran; n images scored
+    NOT_APPLICABLE = "not_applicable"  # the method or metric cannot apply (reason says why)
+    EXCLUDED = "excluded"  # the suite leaves it out (reason: the suite's)
+    NO_IMAGE_SCORED = "no_image_scored"  # ran, but every image went unscored (reason: why)
+    ERROR = "error"  # raised (reason: the message); the run exits 1
+    SKIPPED = "skipped"  # the dataset's real data is missing (reason: how to provide it)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (model, dataset, method, metric) cell: its status, reason and image counts, and
+    the resolved configuration that decides its result (``config``: method and metric
+    entries with their registry versions)."""
+
+    model: str
+    dataset: str
+    method: str
+    metric: str
+    status: Status = Status.PLANNED
+    reason: str = ""
+    n: int = 0
+    n_excluded: int = 0
+    config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def record(self) -> dict[str, Any]:
+        """The cell as a row of ``cells.parquet`` (``benchmarks.engine.store.CELL_COLUMNS``)."""
+        return dict(
+            model=self.model,
+            dataset=self.dataset,
+            method=self.method,
+            metric=self.metric,
+            status=self.status.value,
+            reason=self.reason,
+            n=self.n,
+            n_excluded=self.n_excluded,
+        )
+
+    def becomes(self, status: Status, reason: str = "", **counts: int) -> Cell:
+        return dataclasses.replace(self, status=status, reason=reason, **counts)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One (model, dataset) group: its entries, settings, planned cells and fingerprint."""
+
+    model: Component
+    dataset: Component
+    methods: tuple[Component, ...]
+    metrics: tuple[Component, ...]
+    cells: tuple[Cell, ...]
+    data: str  # "synthetic", "real: <root>" or "missing: <how to provide it>"
+    root: str | None  # the real data's directory (None: synthetic or missing)
+    train: TrainConfig
+    eval: EvalConfig
+    seed: int
+    fingerprint: str = ""
+
+    @property
+    def key(self) -> str:
+        return group_key(self.model.label, self.dataset.label)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.label} x {self.dataset.label}"
+
+    @property
+    def missing(self) -> bool:
+        return self.data.startswith("missing")
+
+    def cell(self, method: str, metric: str) -> Cell:
+        return self._index[(method, metric)]
+
+    def to_run(self, method: str) -> list[Component]:
+        """The metrics of ``method`` whose cells are planned to run."""
+        return [k for k in self.metrics if self.cell(method, k.label).status is Status.PLANNED]
+
+    @cached_property
+    def _index(self) -> dict[tuple[str, str], Cell]:
+        return {(c.method, c.metric): c for c in self.cells}
+
+    def counts(self) -> Counter:
+        return Counter(c.status for c in self.cells)
+
+
+@dataclass(frozen=True)
+class Plan:
+    suite: Suite
+    groups: tuple[GroupPlan, ...]
+
+    def missing_data(self) -> dict[str, str]:
+        """Dataset label -> why its data is missing, for the datasets whose data is."""
+        return {g.dataset.label: g.data for g in self.groups if g.missing}
+
+
+def resolve_data_root(dataset: Component, data_root: str | None) -> str | None:
+    """The data directory of a real dataset: the suite entry's ``root``, then --data-root,
+    then the dataset's environment variable. Synthetic datasets get None; a real one with
+    none of the three raises ``DataNotFound`` saying how to provide it."""
+    from datasets import DATASETS
+
+    info = DATASETS.get(dataset.use).info
+    if info.source != "real":
+        return None
+    root = dataset.root or data_root or (os.environ.get(info.root_env) if info.root_env else None)
+    if not root:
+        env = f" or set ${info.root_env}" if info.root_env else ""
+        raise DataNotFound(
+            f"dataset {dataset.label!r} needs real data: pass --data-root DIR{env}. {info.how_to_get}".strip()
+        )
+    return str(root)
+
+
+def needs_reason(metric: Component, dataset: Component) -> str:
+    """Why the metric cannot apply to the dataset: the data it needs (masks, organ masks)
+    that the dataset's registry entry says it lacks ("" if nothing is missing)."""
+    from datasets import DATASETS
+    from metrics import METRICS
+
+    info = DATASETS.get(dataset.use).info
+    has = {"masks": info.masks, "organ_masks": info.organ_masks}
+    missing = [need for need in METRICS.get(metric.use).info.needs if not has.get(need, True)]
+    if not missing:
+        return ""
+    return f"{metric.label} needs {', '.join(missing)}; dataset {dataset.label} has none"
+
+
+def _data(dataset: Component, data_root: str | None) -> tuple[str, str | None]:
+    try:
+        root = resolve_data_root(dataset, data_root)
+        if root is not None and not Path(root).is_dir():
+            raise DataNotFound(f"data root {root} is not a directory")
+    except DataNotFound as exc:
+        return f"missing: {exc}", None
+    return ("synthetic" if root is None else f"real: {root}"), root
+
+
+def entry_config(kind: str, entry: Component) -> dict[str, Any]:
+    """An entry as it decides results: its resolved suite entry and its registry version."""
+    from benchmarks.engine.suite import registries
+
+    return {**entry.resolved(), "version": registries()[kind].get(entry.use).info.version}
+
+
+def _cells(suite: Suite, mc: Component, dc: Component, data: str) -> tuple[Cell, ...]:
+    out = []
+    for m in suite.methods:
+        for k in suite.metrics:
+            status, reason = Status.PLANNED, needs_reason(k, dc)
+            if reason:
+                status = Status.NOT_APPLICABLE
+            elif why := suite.excluded(mc.label, dc.label, m.label, k.label):
+                status, reason = Status.EXCLUDED, why
+            if data.startswith("missing"):
+                status, reason = Status.SKIPPED, data
+            config = {"method": entry_config("methods", m), "metric": entry_config("metrics", k)}
+            out.append(Cell(mc.label, dc.label, m.label, k.label, status, reason, config=config))
+    return tuple(out)
+
+
+def fingerprint(group: GroupPlan) -> str:
+    """The hash of everything that decides a group's results (``fingerprint_inputs``)."""
+    blob = json.dumps(fingerprint_inputs(group), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fingerprint_inputs(group: GroupPlan) -> dict[str, Any]:
+    """What a group's fingerprint hashes, as plain data: stored beside the group, so a
+    rerun can say what changed."""
+    return {
+        "format": FINGERPRINT_FORMAT,
+        "model": entry_config("models", group.model),
+        "dataset": {**entry_config("datasets", group.dataset), "root": group.root},
+        "train": dataclasses.asdict(group.train),
+        "eval": dataclasses.asdict(group.eval),
+        "seed": group.seed,
+        "cells": {
+            f"{c.method} / {c.metric}": {**c.config, "status": c.status.value, "reason": c.reason}
+            for c in group.cells
+        },
+    }
+
+
+def make_plan(suite: Suite, *, data_root: str | None) -> Plan:
+    """The plan of a suite: per (dataset, model) group in suite order, its cells with their
+    statuses and its fingerprint; reads no data and trains nothing."""
+    groups = []
+    for dc in suite.datasets:
+        data, root = _data(dc, data_root)
+        for mc in suite.models:
+            group = GroupPlan(
+                model=mc,
+                dataset=dc,
+                methods=suite.methods,
+                metrics=suite.metrics,
+                cells=_cells(suite, mc, dc, data),
+                data=data,
+                root=root,
+                train=train_config(suite, mc, dc),
+                eval=suite.eval,
+                seed=suite.seed,
+            )
+            groups.append(dataclasses.replace(group, fingerprint=fingerprint(group)))
+    return Plan(suite, tuple(groups))
+
+
+def format_plan(plan: Plan) -> str:
+    """The dry run's report: per group, its data, cell counts and the reasons of cells that
+    will not run; then each method's cost in passes."""
+    from cams import METHODS
+
+    suite = plan.suite
+    lines = [
+        f"suite {suite.name} v{suite.version}: {len(suite.models)} model(s) x "
+        f"{len(suite.datasets)} dataset(s) x {len(suite.methods)} method(s) x "
+        f"{len(suite.metrics)} metric(s), {suite.eval.max_images} images per group, "
+        f"seed {suite.seed}"
+    ]
+    total: Counter = Counter()
+    for g in plan.groups:
+        counts = g.counts()
+        total.update(counts)
+        lines.append(f"\n{g.name} ({g.data}): " + _counts_text(counts))
+        reasons = Counter(
+            (c.status, c.reason)
+            for c in g.cells
+            if c.status in (Status.NOT_APPLICABLE, Status.EXCLUDED)
+        )
+        for (status, reason), n in reasons.items():
+            lines.append(f"  {status.value.replace('_', ' ')} ({n} cells): {reason}")
+        lines += [f"  expected at run time: {hint}" for hint in _hints(g)]
+    lines.append("\npasses per image and method (F forward, B backward):")
+    for m in suite.methods:
+        lines.append(f"  {m.label:<24} {METHODS.get(m.use).info.cost}")
+    lines.append("\ntotal: " + _counts_text(total))
+    return "\n".join(lines)
+
+
+def _hints(group: GroupPlan) -> list[str]:
+    """What the zoo's metadata lets the dry run expect of a method on a model; the method
+    itself decides at run time (a user's checkpoint or architecture may differ)."""
+    from benchmarks.models.zoo import MODELS
+    from cams import METHODS
+
+    if group.model.use not in MODELS or MODELS.get(group.model.use).info.gap_head:
+        return []
+    return [
+        f"{m.label} needs a GAP + linear head; the zoo says {group.model.label} has a "
+        "fully-connected head, so it will be not applicable"
+        for m in group.methods
+        if "gap_head" in METHODS.get(m.use).info.needs
+    ]
+
+
+def _counts_text(counts: Mapping[Status, int]) -> str:
+    return (
+        f"{counts[Status.PLANNED]} cells to run, {counts[Status.NOT_APPLICABLE]} not "
+        f"applicable, {counts[Status.EXCLUDED]} excluded by the suite, "
+        f"{counts[Status.SKIPPED]} skipped for missing data"
+    )
+
+
+def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What differs between two ``fingerprint_inputs``, in a few words.
+
+    >>> old = {"seed": 0, "cells": {"a / x": {"n": 1}}}
+    >>> describe_change(old, {"seed": 1, "cells": {"a / x": {"n": 2}, "b / x": {}}})
+    'seed; cells: 1 added, 1 changed'
+    """
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        if key == "cells" or old.get(key) == new.get(key):
+            continue
+        parts.append(key)
+    before, after = old.get("cells") or {}, new.get("cells") or {}
+    counts = {
+        "added": len(set(after) - set(before)),
+        "removed": len(set(before) - set(after)),
+        "changed": sum(before[c] != after[c] for c in set(before) & set(after)),
+    }
+    if any(counts.values()):
+        parts.append("cells: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n))
+    return "; ".join(parts) or "the fingerprint's format"
