@@ -10,8 +10,14 @@ Examples::
     python -m benchmarks.run --suite medical --data-root ../shared/data --strict
     python -m benchmarks.run --list methods
 
+A run reads as its steps: the command line's overrides, the plan (``benchmarks.engine.plan``:
+every cell with its status, decided before any work), the execution of the groups that
+are not stored from the same configuration (``execute``), and ``publish`` (the gathered
+tables, the leaderboard and the final manifest, through ``benchmarks.engine.store``).
+
 Exit status: 0 when every cell ran or was recorded as not applicable, 1 when a cell
-failed (its error is in the results), 2 for bad input (the message says what and how to fix).
+failed (its error is in the results; the manifest says "finished with errors"), 2 for
+bad input (the message says what and how to fix).
 """
 
 from __future__ import annotations
@@ -121,7 +127,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-images", type=int, help="override the number of images per (model, dataset)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars: a log line per finished batch and group (as without a terminal)",
+    )
     p.add_argument(
         "--executor",
         default="local",

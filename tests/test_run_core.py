@@ -18,16 +18,18 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from torch import nn
 
 from benchmarks.engine import executors
+from benchmarks.engine.plan import make_plan
 from benchmarks.engine.suite import load_suite
 from benchmarks.models.zoo import MODELS
 from benchmarks.reports import figures, regress
 from benchmarks.run import main
-from metrics import METRICS
+from metrics import METRICS, Scores
 
 pytestmark = pytest.mark.harness
 
@@ -225,3 +227,62 @@ def test_a_model_without_its_own_normalization_runs(tmp_path, cache):
     assert main([*args, "--datasets", "a"]) == 0
     cells = pd.read_parquet(out / "cells.parquet")
     assert len(cells) == 3 * 2 and (cells["status"] == "ok").all()
+
+
+def plan_of(body: str, tmp_path: Path):
+    path = tmp_path / "suite.toml"
+    path.write_text(body)
+    (group,) = make_plan(load_suite(str(path)), data_root=None).groups
+    return group
+
+
+ONE_GROUP = TWO_GROUPS.replace('[datasets.b]\nuse = "synth-lesion"\nimage_size = 32\nn = 48\n', "")
+
+
+def test_the_fingerprint_changes_with_what_decides_results_and_only_with_it(tmp_path):
+    base = plan_of(ONE_GROUP, tmp_path)
+    assert plan_of(ONE_GROUP, tmp_path).fingerprint == base.fingerprint
+    # a comment, the suite's name and description decide nothing
+    renamed = ONE_GROUP.replace('name = "two"', 'name = "other"\ndescription = "x"\n# note')
+    assert plan_of(renamed, tmp_path).fingerprint == base.fingerprint
+    changes = {
+        "metric option": ONE_GROUP.replace("steps = 4", "steps = 5"),
+        "seed": ONE_GROUP.replace('name = "two"', 'name = "two"\nseed = 1'),
+        "images": ONE_GROUP.replace("max_images = 8", "max_images = 9"),
+        "training": ONE_GROUP.replace("epochs = 2", "epochs = 3"),
+        "layer": ONE_GROUP.replace("[models.gapcnn]", '[models.gapcnn]\nlayer = "features.0"'),
+        "dataset option": ONE_GROUP.replace("n = 48", "n = 49"),
+        "a method": ONE_GROUP.replace("[methods.random]", "[methods.random]\n[methods.cam]"),
+    }
+    prints = {what: plan_of(body, tmp_path).fingerprint for what, body in changes.items()}
+    assert base.fingerprint not in prints.values() and len(set(prints.values())) == len(prints)
+    # new weights at the same checkpoint path are another configuration
+    weights = tmp_path / "w.pt"
+    with_checkpoint = ONE_GROUP.replace(
+        "[models.gapcnn]", f'[models.gapcnn]\ncheckpoint = "{weights}"'
+    )
+    weights.write_bytes(b"one")
+    first = plan_of(with_checkpoint, tmp_path).fingerprint
+    weights.write_bytes(b"two")
+    assert plan_of(with_checkpoint, tmp_path).fingerprint != first
+
+
+@METRICS.register("test-unscoring", kind="faithfulness", higher_is_better=True)
+def unscoring(ctx) -> Scores:
+    """Scores no image, and says why."""
+    return Scores(values={"value": np.full(len(ctx.ids), np.nan)}, unscored="planted: no image")
+
+
+@pytest.mark.slow
+def test_a_cell_whose_images_all_go_unscored_is_no_image_scored_not_not_applicable(tmp_path, cache):
+    suite = tmp_path / "unscored.toml"
+    suite.write_text(ONE_GROUP.replace("[metrics.pointing_game]", "[metrics.test-unscoring]"))
+    out = tmp_path / "run"
+    assert main(["--suite", str(suite), "--out", str(out), "--cache", cache, "--no-progress"]) == 0
+    cells = pd.read_parquet(out / "cells.parquet").set_index(["method", "metric"])
+    for method in ("gradcam", "random"):
+        cell = cells.loc[(method, "test-unscoring")]
+        assert cell["status"] == "no_image_scored" and cell["n"] == 0 and cell["n_excluded"] == 8
+        assert cell["reason"] == "8 image(s) not scored: planted: no image"
+        assert cells.loc[(method, "aopc_morf"), "status"] == "ok"
+    assert "no image scored [" in (out / "leaderboard.md").read_text()

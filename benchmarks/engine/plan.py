@@ -217,7 +217,7 @@ def fingerprint_inputs(group: GroupPlan) -> dict[str, Any]:
     rerun can say what changed."""
     return {
         "format": FINGERPRINT_FORMAT,
-        "model": entry_config("models", group.model),
+        "model": {**entry_config("models", group.model), **_checkpoint(group.model)},
         "dataset": {**entry_config("datasets", group.dataset), "root": group.root},
         "train": dataclasses.asdict(group.train),
         "eval": dataclasses.asdict(group.eval),
@@ -227,6 +227,18 @@ def fingerprint_inputs(group: GroupPlan) -> dict[str, Any]:
             for c in group.cells
         },
     }
+
+
+def _checkpoint(model: Component) -> dict[str, str]:
+    """The content hash of a model entry's checkpoint file: new weights at the same path
+    are another configuration."""
+    if model.checkpoint is None or not Path(model.checkpoint).is_file():
+        return {}
+    digest = hashlib.sha256()
+    with open(model.checkpoint, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"checkpoint_sha256": digest.hexdigest()}
 
 
 def make_plan(suite: Suite, *, data_root: str | None) -> Plan:
