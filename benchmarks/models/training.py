@@ -330,20 +330,10 @@ def get_trained_model(
     stem = Path(cache_dir) / "models" / f"{model_name}--{dataset_name}--{key}"
     ckpt, report_path = stem.with_suffix(".pt"), stem.with_suffix(".report.json")
     if ckpt.exists() and report_path.exists():
-        try:
-            load_checkpoint(model, ckpt, what=f"cached model {model_name} on {dataset_name}")
-            report = json.loads(report_path.read_text())
-            model.to(device).eval()
-            if _with_validation(report, model, val_set, device):
-                try:
-                    _write_report(report_path, report)
-                except OSError as exc:  # a read-only cache still serves its models
-                    print(f"warning: could not update {report_path}: {exc}", file=sys.stderr)
-            return TrainedModel(model, report, ckpt)
-        except (UserError, ValueError) as exc:  # a damaged cache entry is retrained, loudly
-            print(f"warning: {exc}; retraining", file=sys.stderr)
-            model = fresh()
-
+        what = f"{model_name} on {dataset_name}"
+        if cached := _cached(model, ckpt, report_path, val_set, device, what=what):
+            return cached
+        model = fresh()  # the damaged entry left its weights half-loaded
     images, labels = stack(train_set)
     set_normalization(model, images)
     start = time.perf_counter()
@@ -370,6 +360,26 @@ def get_trained_model(
     atomic_write(ckpt, lambda p: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, p))
     _write_report(report_path, report)
     return TrainedModel(model.eval(), report, ckpt)
+
+
+def _cached(
+    model: nn.Module, ckpt: Path, report_path: Path, val_set: ValSet, device: str, *, what: str
+) -> TrainedModel | None:
+    """The cached model and report; None (and a warning) for a damaged entry, which is
+    then retrained. A report that lacks the validation entry gains it."""
+    try:
+        load_checkpoint(model, ckpt, what=f"cached model {what}")
+        report = json.loads(report_path.read_text())
+    except (UserError, ValueError) as exc:
+        print(f"warning: {exc}; retraining", file=sys.stderr)
+        return None
+    model.to(device).eval()
+    if _with_validation(report, model, val_set, device):
+        try:
+            _write_report(report_path, report)
+        except OSError as exc:  # a read-only cache still serves its models
+            print(f"warning: could not update {report_path}: {exc}", file=sys.stderr)
+    return TrainedModel(model, report, ckpt)
 
 
 def _write_report(path: Path, report: dict[str, Any]) -> None:
