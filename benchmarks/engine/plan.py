@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -115,17 +114,6 @@ class GroupPlan:
     @property
     def missing(self) -> bool:
         return self.data.startswith("missing")
-
-    def cell(self, method: str, metric: str) -> Cell:
-        return self._index[(method, metric)]
-
-    def to_run(self, method: str) -> list[Component]:
-        """The metrics of ``method`` whose cells are planned to run."""
-        return [k for k in self.metrics if self.cell(method, k.label).status is Status.PLANNED]
-
-    @cached_property
-    def _index(self) -> dict[tuple[str, str], Cell]:
-        return {(c.method, c.metric): c for c in self.cells}
 
     def counts(self) -> Counter:
         return Counter(c.status for c in self.cells)
