@@ -224,8 +224,8 @@ def new_manifest(suite: Suite, run_dir: Path, args: argparse.Namespace, device: 
         executor=args.executor,
         ray_address=args.ray_address,
         started=now(),
-        methods={m.label: entry_metadata("methods", m) for m in suite.methods},
-        metrics={k.label: entry_metadata("metrics", k) for k in suite.metrics},
+        methods={m.label: entry_metadata("methods", m.use) for m in suite.methods},
+        metrics={k.label: entry_metadata("metrics", k.use) for k in suite.metrics},
     )
 
 

@@ -308,16 +308,16 @@ def explainer(m: Component, layer: str, seed: int):
     return explain
 
 
-def explain(state: GroupState, prep: Prepared, batch: Batch, m: Component, n: int):
+def explain(state: GroupState, prep: Prepared, batch: Batch, m: Component, n: int, fn):
     """The maps of the batch's first ``n`` images by method ``m`` (the shared gradient pass
-    when it serves the whole batch), or None when the method cannot apply or failed: its
-    pending cells then learn why."""
+    when it serves the whole batch, else ``fn``, its ``explainer``), or None when the method
+    cannot apply or failed: its pending cells then learn why."""
     pending = state.pending(m)
     try:
         done = batch.shared.explain(m.use, m.options) if n == len(batch.x) else None
         if done is not None:
             return done.maps
-        return explainer(m, prep.layer, state.plan.seed)(prep.model, batch.x[:n], batch.target[:n])
+        return fn(prep.model, batch.x[:n], batch.target[:n])
     except NotApplicable as exc:
         state.learn(m.label, pending, Status.NOT_APPLICABLE, f"{m.label}: {exc}")
     except Exception as exc:  # recorded, the run goes on
@@ -326,8 +326,9 @@ def explain(state: GroupState, prep: Prepared, batch: Batch, m: Component, n: in
     return None
 
 
-def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n_m: int):
-    """Every pending metric of method ``m`` on its maps of the batch's first ``n_m`` images."""
+def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n_m: int, fn):
+    """Every pending metric of method ``m`` on its maps of the batch's first ``n_m`` images;
+    ``fn`` re-explains for the metrics that need the explainer."""
     plan = state.plan
     for k in state.pending(m):
         n = state.take(k, (m.label, k.label), n_m)
@@ -343,7 +344,7 @@ def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n
             ids=batch.ids[:n],
             masks=None if batch.masks is None else batch.masks[:n],
             organ_masks=None if batch.organ_masks is None else batch.organ_masks[:n],
-            explain=explainer(m, prep.layer, plan.seed),
+            explain=fn,
             seed=plan.seed,
             batch_size=plan.eval.forward_batch,
         )
@@ -372,15 +373,17 @@ def run_group(spec: GroupSpec) -> GroupResult:
     state = GroupState(plan)
     n_batches = -(-len(prep.indices) // plan.eval.batch_size)
     progress = Progress(n_batches * len(plan.methods), plan.name, bar=spec.progress)
+    explainers = {m.label: explainer(m, prep.layer, plan.seed) for m in plan.methods}
     for batch in batches(prep, plan, torch.device(spec.device)):
         for m in plan.methods:
             # an entry's max_images caps the images it sees: the first ones of the draw
             n = state.take(m, m.label, len(batch.x))
             if state.pending(m) and n:
-                maps = explain(state, prep, batch, m, n)
+                fn = explainers[m.label]
+                maps = explain(state, prep, batch, m, n, fn)
                 if maps is not None:
                     state.keep_examples(batch, m.label, maps)
-                    score(state, prep, batch, m, maps, n)
+                    score(state, prep, batch, m, maps, n, fn)
             progress.step(f"batch {batch.index + 1}/{n_batches} {m.label}")
     progress.close()
     return state.result(prep.report)

@@ -179,6 +179,8 @@ def entry_config(kind: str, entry: Component) -> dict[str, Any]:
 
 
 def _cells(suite: Suite, mc: Component, dc: Component, data: str) -> tuple[Cell, ...]:
+    methods = {m.label: entry_config("methods", m) for m in suite.methods}
+    metrics = {k.label: entry_config("metrics", k) for k in suite.metrics}
     out = []
     for m in suite.methods:
         for k in suite.metrics:
@@ -189,7 +191,7 @@ def _cells(suite: Suite, mc: Component, dc: Component, data: str) -> tuple[Cell,
                 status, reason = Status.EXCLUDED, why
             if data.startswith("missing"):
                 status, reason = Status.SKIPPED, data
-            config = {"method": entry_config("methods", m), "metric": entry_config("metrics", k)}
+            config = {"method": methods[m.label], "metric": metrics[k.label]}
             out.append(Cell(mc.label, dc.label, m.label, k.label, status, reason, config=config))
     return tuple(out)
 

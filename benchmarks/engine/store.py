@@ -64,6 +64,8 @@ CURVE_COLUMNS = ["model", "dataset", "method", "metric", "curve", "sample_id", "
 TABLES = {"rows": ROW_COLUMNS, "curves": CURVE_COLUMNS, "cells": CELL_COLUMNS}
 RUN_FORMAT = "cambench-run/2"
 LEADERBOARD = "leaderboard.parquet"
+CSV_NAME = "leaderboard.csv"  # reproducible metrics: byte-identical between runs
+HOST_CSV_NAME = "leaderboard-cost.csv"  # host-dependent metrics (wall time)
 NOT_REUSABLE = ("skipped", "error")  # a group with such cells is computed again on rerun
 
 
@@ -125,14 +127,15 @@ class Manifest:
         return cls(**{"run_id": "", "suite": {}, **values})
 
 
-def entry_metadata(kind: str, entry) -> dict[str, Any]:
-    """What a report needs to know of a method or metric entry of a suite, from its
-    registry record: ``use``, version, and for metrics kind, ``higher_is_better``,
+def entry_metadata(kind: str, use: str) -> dict[str, Any]:
+    """What a report needs to know of the method or metric registered as ``use``, from its
+    registry record: ``use`` (the canonical name), version, and for metrics kind, ``higher_is_better``,
     ``host_dependent`` and the secondary outputs; for methods the family."""
     from benchmarks.engine.suite import registries
 
-    info = registries()[kind].get(entry.use).info
-    meta: dict[str, Any] = {"use": entry.use, "version": info.version}
+    entry = registries()[kind].get(use)
+    info = entry.info
+    meta: dict[str, Any] = {"use": entry.name, "version": info.version}
     if kind == "metrics":
         meta.update(
             kind=info.kind,
@@ -339,7 +342,7 @@ def _read_parquet(path: Path) -> pd.DataFrame | None:
 def _read_leaderboard_csvs(root: Path) -> pd.DataFrame | None:
     """``leaderboard.csv`` and ``leaderboard-cost.csv`` of an older run, as one table."""
     parts = []
-    for name in ("leaderboard.csv", "leaderboard-cost.csv"):
+    for name in (CSV_NAME, HOST_CSV_NAME):
         path = root / name
         if not path.exists():
             continue
@@ -362,9 +365,6 @@ def _read_leaderboard_csvs(root: Path) -> pd.DataFrame | None:
 def _legacy_metadata(run: StoredRun) -> None:
     """A run written before the manifest carried its entries' metadata: take it from the
     registries where they still know the entry (the only registry look-up of a report)."""
-    from benchmarks.engine.suite import registries
-
-    regs = registries()
     for kind in ("methods", "metrics"):
         have = getattr(run.manifest, kind)
         for label, entry in (run.manifest.suite.get(kind) or {}).items():
@@ -372,14 +372,9 @@ def _legacy_metadata(run: StoredRun) -> None:
             if label in have:
                 continue
             try:
-                have[label] = entry_metadata(kind, _Use(regs[kind].get(use).name))
+                have[label] = entry_metadata(kind, use)
             except Exception:  # an entry the registry no longer knows: its name alone
                 have[label] = {"use": use}
-
-
-@dataclass(frozen=True)
-class _Use:
-    use: str
 
 
 def _gather(groups_dir: Path, name: str, keys: Iterable[str]) -> pd.DataFrame:

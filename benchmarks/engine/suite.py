@@ -79,13 +79,13 @@ KINDS = ("models", "datasets", "methods", "metrics")
 #   datasets: root (data directory), train (TrainConfig overrides for this dataset)
 #   methods, metrics: max_images (the entry sees only the first N evaluation images of each
 #             (model, dataset): for costly methods and metrics; n is reported per cell)
-PIPELINE_FIELDS = ("layer", "checkpoint", "train", "train_on", "root", "max_images")
 ENTRY_KEYS = {
     "models": ("layer", "checkpoint", "train", "train_on"),
     "datasets": ("root", "train"),
     "methods": ("max_images",),
     "metrics": ("max_images",),
 }
+PIPELINE_FIELDS = tuple(dict.fromkeys(key for keys in ENTRY_KEYS.values() for key in keys))
 # Parameters the pipeline passes itself, never options of a suite entry.
 RESERVED = {
     "methods": {"model", "x", "target", "layer"},

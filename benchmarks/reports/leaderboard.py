@@ -23,13 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.engine.store import group_key, split_group_key
+from benchmarks.engine.store import CSV_NAME, HOST_CSV_NAME, group_key, split_group_key
 
 BOOTSTRAP_SAMPLES = 1000
 KEYS = ["dataset", "model", "method", "metric"]
 COLUMNS = [*KEYS, "higher_is_better", "mean", "ci_low", "ci_high", "n", "rank", "status", "reason"]
-CSV_NAME = "leaderboard.csv"  # reproducible metrics: byte-identical between runs
-HOST_CSV_NAME = "leaderboard-cost.csv"  # host-dependent metrics (wall time)
 
 
 def bootstrap_ci(
