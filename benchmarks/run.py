@@ -17,7 +17,10 @@ tables, the leaderboard and the final manifest, through ``benchmarks.engine.stor
 
 Exit status: 0 when every cell ran or was recorded as not applicable, 1 when a cell
 failed (its error is in the results; the manifest says "finished with errors"), 2 for
-bad input (the message says what and how to fix).
+bad input (one line saying what and how to fix; refused before any work where it can be
+checked, and then the run folder is left as it was), 130 on Ctrl-C and 143 on SIGTERM
+(finished groups are kept, the lock is released, the manifest says "interrupted", and
+the same command resumes).
 """
 
 from __future__ import annotations
@@ -26,15 +29,18 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import os
 import platform
+import signal
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
+from benchmarks.core.checks import NonNegativeInt, PositiveInt, check_value
 from benchmarks.core.errors import UserError
 from benchmarks.engine.executors import EXECUTORS, run_groups
-from benchmarks.engine.group import GroupResult, check_device, group_specs
+from benchmarks.engine.group import GroupResult, check_device, group_specs, preflight
 from benchmarks.engine.plan import (
     GroupPlan,
     Plan,
@@ -156,11 +162,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """overrides -> plan -> execute -> publish; the exit status."""
+    """overrides -> plan -> checks -> execute -> publish; the exit status.
+
+    Everything that can be checked before work is: the suite's values, the data of every
+    group to compute, the output and cache folders. A run refused there leaves the run
+    folder as it was; once work starts the manifest says how it ended."""
     suite = with_overrides(load_suite(args.suite), args)
     device = check_device(args.device)
-    if args.data_root and not Path(args.data_root).is_dir():
-        raise UserError(f"--data-root {args.data_root} is not a directory")
+    if args.data_root and not Path(args.data_root).expanduser().exists():
+        raise UserError(f"--data-root {args.data_root} does not exist")
     plan = make_plan(suite, data_root=args.data_root)
     if args.dry_run:
         print(format_plan(plan))
@@ -169,16 +179,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             "--strict: " + "; ".join(f"dataset {name} {why}" for name, why in missing.items())
         )
+    writable_folder(Path(args.cache), "--cache")
     run_dir = Path(args.out or Path("results") / f"{suite.name}-{suite.config_hash()}")
     with RunStore(run_dir).open() as store:
+        todo, reused = to_compute(plan, store)
+        preflight(todo)
         manifest = new_manifest(suite, run_dir, args, device)
+        manifest.groups.update(reused)
         store.write("manifest.json", manifest)
         try:
-            execute(plan, store, manifest, args, device)
-        except BaseException as exc:  # interrupted or bad input: the manifest says so
-            why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
-            manifest.status = f"stopped: {why}"
-            store.write("manifest.json", manifest)
+            execute(plan, todo, store, manifest, args, device)
+        except BaseException as exc:  # interrupted, or bad input found mid-run
+            interrupted(store, manifest, exc)
             raise
         errors = publish(plan, store, manifest)
     log(f"results: {run_dir}/leaderboard.md")
@@ -199,11 +211,16 @@ def with_overrides(suite: Suite, args: argparse.Namespace) -> Suite:
         methods=args.methods,
         metrics=args.metrics,
     )
+    for flag, value, tp in (
+        ("--seed", args.seed, NonNegativeInt),
+        ("--max-images", args.max_images, PositiveInt),
+        ("--num-cpus", args.num_cpus, PositiveInt),
+    ):
+        if value is not None:
+            check_value(value, tp, flag)
     if args.seed is not None:
         suite = dataclasses.replace(suite, seed=args.seed)
     if args.max_images is not None:
-        if args.max_images < 1:
-            raise UserError(f"--max-images must be >= 1, got {args.max_images}")
         evaluation = dataclasses.replace(suite.eval, max_images=args.max_images)
         suite = dataclasses.replace(suite, eval=evaluation)
     return suite
@@ -233,31 +250,65 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def to_compute(plan: Plan, store: RunStore, manifest: Manifest) -> list[GroupPlan]:
-    """The groups to compute: every group unless stored from the same fingerprint (those
-    are reused and recorded so); a stored group from another configuration says what
-    changed and is computed again."""
-    todo = []
+def writable_folder(path: Path, flag: str) -> None:
+    """Create ``path`` if needed and check that files can be written in it, or fail now
+    (one line naming the folder) rather than after training."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"{flag} {path}: cannot write there ({exc.strerror or exc}); choose another {flag}"
+        ) from None
+
+
+def interrupted(store: RunStore, manifest: Manifest, exc: BaseException) -> None:
+    """Record in the manifest that the run stopped before publishing, and why."""
+    manifest.status = "interrupted"
+    if isinstance(exc, Terminated):
+        manifest.stopped_by = "SIGTERM"
+    elif isinstance(exc, KeyboardInterrupt):
+        manifest.stopped_by = "Ctrl-C (SIGINT)"
+    else:
+        manifest.stopped_by = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    with contextlib.suppress(UserError, OSError):  # a full disk cannot take it either
+        store.write("manifest.json", manifest)
+
+
+def to_compute(plan: Plan, store: RunStore) -> tuple[list[GroupPlan], dict[str, dict]]:
+    """The groups to compute, and the manifest entries of those reused: a group stored
+    from the same fingerprint, whole (its files match their checksums), is reused; a
+    damaged one is named and computed again; one stored from another configuration says
+    what changed and is computed again."""
+    todo, reused = [], {}
     for g in plan.groups:
-        if store.reusable(g.key, g.fingerprint):
+        if damage := store.damaged(g.key):
+            log(f"{g.key}: stored results are damaged ({damage}); recomputing")
+            todo.append(g)
+        elif store.reusable(g.key, g.fingerprint):
             log(
                 f"{g.key}: stored from the same configuration (fingerprint {g.fingerprint}), reused"
             )
-            manifest.groups[g.key] = {"state": "reused", "fingerprint": g.fingerprint}
-            continue
-        stored = store.stored_fingerprint(g.key)
-        if stored is not None and stored.get("fingerprint") != g.fingerprint:
-            change = describe_change(stored.get("inputs") or {}, fingerprint_inputs(g))
-            log(f"{g.key}: stored results came from another configuration ({change}); recomputing")
-        elif (store.groups_dir / g.key).is_dir():
-            log(f"{g.key}: stored results are incomplete or of an older version; recomputing")
-        todo.append(g)
-    return todo
+            reused[g.key] = {"state": "reused", "fingerprint": g.fingerprint}
+        else:
+            stored = store.stored_fingerprint(g.key)
+            if stored is not None and stored.get("fingerprint") != g.fingerprint:
+                change = describe_change(stored.get("inputs") or {}, fingerprint_inputs(g))
+                log(
+                    f"{g.key}: stored results came from another configuration ({change}); recomputing"
+                )
+            elif store.group_dir(g.key).is_dir():
+                log(f"{g.key}: stored results are incomplete or of an older version; recomputing")
+            todo.append(g)
+    return todo, reused
 
 
-def execute(plan: Plan, store: RunStore, manifest: Manifest, args, device: str) -> None:
-    """Compute the groups that need it, storing each as it finishes."""
-    todo = to_compute(plan, store, manifest)
+def execute(
+    plan: Plan, todo: list[GroupPlan], store: RunStore, manifest: Manifest, args, device: str
+) -> None:
+    """Compute the groups ``todo``, storing each as it finishes."""
     log(f"{len(todo)} group(s) to run on the {args.executor} executor")
     specs = group_specs(todo, device=device, cache_dir=args.cache, progress=not args.no_progress)
     groups = run_groups(
@@ -324,24 +375,49 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
     return errors
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers, ``timeout`` and ``kill`` send), raised like Ctrl-C so
+    the same clean-up runs: the lock released, the manifest saying "interrupted"."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within: SIGTERM raises ``Terminated`` (in the main thread; elsewhere unchanged)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.list:
-            print(list_entries(args.list))
-            return 0
-        if not args.suite:
-            raise UserError("give --suite NAME (see --list suites) or --list WHAT")
-        return run(args)
+        with sigterm_as_interrupt():
+            if args.list:
+                print(list_entries(args.list))
+                return 0
+            if not args.suite:
+                raise UserError("give --suite NAME (see --list suites) or --list WHAT")
+            return run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(
-            "interrupted: finished groups are stored; rerun the same command to resume",
+            f"{what}: finished groups are stored; rerun the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

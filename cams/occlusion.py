@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from benchmarks.core.checks import PositiveInt, fits_image
 from benchmarks.core.errors import UserError
 from cams.base import (
     METHODS,
@@ -69,21 +70,40 @@ def _check_geometry(
             )
 
 
+def geometry(
+    size: tuple[int, int], window: int | tuple[int, int], stride: int | tuple[int, int] | None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (h, w) window and stride (default: half the window) for (H, W) images; a
+    ``UserError`` unless they fit."""
+    win = pair(window, "window")
+    step = pair(
+        stride if stride is not None else (max(1, win[0] // 2), max(1, win[1] // 2)), "stride"
+    )
+    _check_geometry(size, win, step)
+    return win, step
+
+
+def geometry_fits(options: dict, hw: tuple[int, int]) -> None:
+    """The suite's check of ``window`` and ``stride`` against the image size."""
+    geometry(hw, options["window"], options["stride"])
+
+
 @METHODS.register(
     "occlusion",
     family="perturbation",
     cost="1F + n_windows F (n_windows = (ceil((H-h)/stride)+1) * (ceil((W-w)/stride)+1))",
 )
+@fits_image(geometry_fits)
 def occlusion(
     model: nn.Module,
     x: torch.Tensor,
     target: torch.Tensor,
     *,
     layer=None,
-    window: int | tuple[int, int] = 8,
-    stride: int | tuple[int, int] | None = None,
+    window: PositiveInt | tuple[PositiveInt, PositiveInt] = 8,
+    stride: PositiveInt | tuple[PositiveInt, PositiveInt] | None = None,
     baseline: float = 0.0,
-    batch_size: int = 64,
+    batch_size: PositiveInt = 64,
 ) -> Explanation:
     """Occlusion: mean drop of the target logit over the windows covering a pixel, summed
     over channels (captum ``Occlusion`` semantics; ``layer`` is ignored).
@@ -97,11 +117,7 @@ def occlusion(
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     size = (x.shape[-2], x.shape[-1])
-    win = pair(window, "window")
-    step = pair(
-        stride if stride is not None else (max(1, win[0] // 2), max(1, win[1] // 2)), "stride"
-    )
-    _check_geometry(size, win, step)
+    win, step = geometry(size, window, stride)
     rows = window_bands(size[0], win[0], step[0]).to(x.device)  # (nH, H)
     cols = window_bands(size[1], win[1], step[1]).to(x.device)  # (nW, W)
     n_h, n_w = rows.shape[0], cols.shape[0]

@@ -21,6 +21,7 @@ import torch
 from captum.attr import IntegratedGradients, KernelShap, Lime, Saliency
 from torch import nn
 
+from benchmarks.core.checks import NonNegativeFloat, PositiveInt
 from benchmarks.core.errors import UserError
 from cams.base import METHODS, Explanation, check_target_range, resolve_target
 from cams.baselines import image_generator
@@ -95,10 +96,10 @@ def smoothgrad(
     target: torch.Tensor,
     *,
     layer=None,
-    n_samples: int = 25,
-    stdevs: float = 0.15,
+    n_samples: PositiveInt = 25,
+    stdevs: NonNegativeFloat = 0.15,
     seed: int = 0,
-    internal_batch_size: int = 64,
+    internal_batch_size: PositiveInt = 64,
 ) -> Explanation:
     """SmoothGrad (Smilkov et al.): the mean over ``n_samples`` noisy copies of |d logit / d x|,
     noise N(0, stdevs^2) in the units of ``x`` (the model's input), then max over channels.
@@ -142,8 +143,8 @@ def integrated_gradients(
     target: torch.Tensor,
     *,
     layer=None,
-    n_steps: int = 50,
-    internal_batch_size: int = 64,
+    n_steps: PositiveInt = 50,
+    internal_batch_size: PositiveInt = 64,
 ) -> Explanation:
     """Integrated Gradients (Sundararajan et al.) from a zero baseline (captum, Gauss-Legendre
     steps): the signed sum over channels, so the map sums to about f(x) - f(0) for the target
@@ -236,10 +237,10 @@ def lime(
     target: torch.Tensor,
     *,
     layer=None,
-    n_samples: int = 200,
-    grid: int = 8,
+    n_samples: PositiveInt = 200,
+    grid: PositiveInt = 8,
     seed: int = 0,
-    perturbations_per_eval: int = 32,
+    perturbations_per_eval: PositiveInt = 32,
 ) -> Explanation:
     """LIME (Ribeiro et al.; captum ``Lime`` with its defaults: Lasso alpha 0.01, cosine
     exponential kernel): the surrogate's coefficient of each of ``grid`` x ``grid`` cells, cells
@@ -271,10 +272,10 @@ def kernelshap(
     target: torch.Tensor,
     *,
     layer=None,
-    n_samples: int = 200,
-    grid: int = 8,
+    n_samples: PositiveInt = 200,
+    grid: PositiveInt = 8,
     seed: int = 0,
-    perturbations_per_eval: int = 32,
+    perturbations_per_eval: PositiveInt = 32,
 ) -> Explanation:
     """Kernel SHAP (Lundberg & Lee; captum ``KernelShap``): the Shapley value estimate of each of
     ``grid`` x ``grid`` cells, absent cells set to 0 in the space of ``x`` (black for the

@@ -46,6 +46,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from benchmarks.core.checks import OpenFraction, PositiveInt
 from benchmarks.core.errors import UserError
 from cams.base import (
     METHODS,
@@ -124,12 +125,12 @@ def rise(
     target: torch.Tensor,
     *,
     layer=None,
-    n_masks: int = 500,
-    cells: int = 7,
-    p: float = 0.5,
+    n_masks: PositiveInt = 500,
+    cells: PositiveInt = 7,
+    p: OpenFraction = 0.5,
     seed: int = 0,
     score: Literal["probability", "logit"] = "probability",
-    batch_size: int = 64,
+    batch_size: PositiveInt = 64,
 ) -> Explanation:
     """RISE: mean of random masks weighted by the target's probability on the masked input,
     divided by ``p`` (``layer`` is ignored).

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.core.checks import PositiveInt
 from benchmarks.core.errors import UserError
 from cams.base import (
     METHODS,
@@ -98,7 +99,7 @@ def scorecam(
     score: Literal["logit", "probability"] = "logit",
     channel_softmax: bool = True,
     align_corners: bool = True,
-    batch_size: int = 64,
+    batch_size: PositiveInt = 64,
 ) -> Explanation:
     """Score-CAM: ReLU(sum_k w_k A_k), w the channel softmax of the target's logit on the
     input masked by each normalized, upsampled channel (pytorch-grad-cam semantics).

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from benchmarks.core.checks import NonNegativeFloat, PositiveInt
 from benchmarks.core.errors import UserError
 from cams.base import METHODS, Explanation, resolve_target
 from cams.gradient_cams import _safe_div, _weighted, layer_gradient, to_explanation
@@ -79,10 +80,10 @@ def smooth_gradcampp(
     *,
     layer=None,
     point: CapturePoint = "produced",
-    n_samples: int = 16,
-    sigma: float = 0.15,
+    n_samples: PositiveInt = 16,
+    sigma: NonNegativeFloat = 0.15,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: PositiveInt = 64,
 ) -> Explanation:
     """Smooth Grad-CAM++: Grad-CAM++ with its 1st-3rd order gradient terms averaged over
     ``n_samples`` noisy copies (noise std ``sigma`` times the image's value range).

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import numpy as np
 
+from benchmarks.core.checks import Range
 from benchmarks.core.errors import UserError
 from datasets.base import SPLITS, check_split
+
+MIN_SIZE = 32  # the drawn anatomy and tissue need this many pixels a side
+DrawnSize = Annotated[int, Range(MIN_SIZE)]
 
 Size = tuple[int, int]
 
@@ -374,8 +378,8 @@ def check_common(
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"{name}: seed must be a non-negative integer, got {seed!r}")
     size = default_size if image_size is None else image_size
-    if not isinstance(size, (int, np.integer)) or size < 32:
-        raise UserError(f"{name}: image_size must be an integer >= 32, got {image_size!r}")
+    if not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
+        raise UserError(f"{name}: image_size must be an integer >= {MIN_SIZE}, got {image_size!r}")
     count = default_n[split] if n is None else n
     if not isinstance(count, (int, np.integer)) or count < 1:
         raise UserError(f"{name}: n must be a positive integer (items in the split), got {n!r}")

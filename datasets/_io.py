@@ -9,6 +9,23 @@ file. Images are read with PIL and converted to the wanted channels (RGB, RGBA, 
 resized (bilinear, antialiased by PIL on downscaling) to ``image_size``; masks are resized
 with nearest neighbour so they stay binary and the lesion does not grow or shrink.
 
+How a mask file is read (``binarize_mask``, at the file's native size, before any resize):
+a mask must hold at most two distinct values, 0 and one nonzero value ``v``, and *nonzero is
+lesion*. So 0/1, 0/255, 0/38 (a palette or colour mask, a colour counting as one value) and
+16-bit 0/1 or 0/65535 all read the same, and a mask whose max is nonzero is never read as
+empty. An all-zero mask is an empty lesion (a normal image); a mask that is ``v`` everywhere
+is a lesion filling the frame. A mask with more distinct values (grey levels: JPEG
+compression, anti-aliased edges, soft or probability masks, label maps with several
+structures) is refused with a UserError naming the file, the dataset and the first values
+found, rather than thresholded: masks are the ground truth of the localization metrics, and
+any threshold would be a guess made for the user (half the max would keep JPEG masks about
+right but silently drop the 1s of a 0/1/2 organ/lesion label map) that changes scores with
+no trace in the results; converting the file once (to a two-valued PNG, thresholded where
+the user means the edge) leaves nothing implicit. Alpha is dropped as for images, except
+that a mask whose shape lies only in its alpha channel (one colour, alpha varying) is
+refused too. Masks given as arrays (an npz or HDF5 loader that carries them) go through
+``binarize_mask`` by the same rule; the MedMNIST and PCam files read here carry none.
+
 ``fit`` says how a picture of another aspect ratio meets the target size: ``"stretch"``
 resizes both sides independently (aspect not kept; no pixel is lost), ``"pad"`` scales the
 long side to fit and pads the rest with black (aspect kept; the mask is padded with
@@ -28,6 +45,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from benchmarks.core.checks import Fraction, PositiveInt
 from benchmarks.core.errors import DataNotFound, UserError
 
 DATA_ROOT_ENV = "CAMBENCH_DATA_ROOT"
@@ -35,6 +53,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 Fit = Literal["stretch", "pad"]
 Size = tuple[int, int]
+# the types of the options real-data loaders share, checked when a suite loads
+ImageSize = PositiveInt | tuple[PositiveInt, PositiveInt] | None  # None: the native size
+Channels = Literal[1, 3]
+Fractions = tuple[Fraction, Fraction, Fraction]  # train, val, test shares
 
 
 def as_size(image_size: int | Iterable[int] | None, *, name: str) -> Size | None:
@@ -184,12 +206,95 @@ def prepare_image(
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+MASK_VALUES_SHOWN = 6
+
+
+def _show_values(distinct: np.ndarray) -> str:
+    """The first few distinct values (rows: colours) of a mask, for a message."""
+    shown = [
+        str(tuple(v.tolist())) if distinct.ndim == 2 else str(v.item())
+        for v in distinct[:MASK_VALUES_SHOWN]
+    ]
+    return ", ".join(shown) + (", ..." if len(distinct) > MASK_VALUES_SHOWN else "")
+
+
+def binarize_mask(values: np.ndarray, *, path: object = "", name: str = "dataset") -> np.ndarray:
+    """A mask's values (H, W), or colours (H, W, C), as bool (H, W): nonzero is lesion.
+
+    The values must be {0, v} for one v (any dtype; a colour is one value); more distinct
+    values, or non-finite ones, are a UserError naming ``path`` and the dataset ``name``
+    (the rule and why: this module's docstring).
+    """
+    arr = np.asarray(values)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise UserError(
+            f"{name}: mask {str(path)!r} has shape {arr.shape}; expected (H, W) or (H, W, C)"
+        )
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise UserError(
+            f"{name}: mask {str(path)!r} holds NaN or infinite values; save it with 0 for "
+            "background and one nonzero value (e.g. 255) for the lesion"
+        )
+    if arr.dtype == np.bool_:
+        return arr.copy() if arr.ndim == 2 else arr.any(axis=-1)
+    lesion = arr != 0 if arr.ndim == 2 else (arr != 0).any(axis=-1)
+    if not lesion.any():
+        return lesion
+    # one nonzero value (colour): every lesion pixel equals the first one
+    first = arr[np.unravel_index(np.argmax(lesion), lesion.shape)]
+    same = arr == first if arr.ndim == 2 else (arr == first).all(axis=-1)
+    if np.array_equal(same, lesion):
+        return lesion
+    flat = arr.reshape(-1) if arr.ndim == 2 else arr.reshape(-1, arr.shape[-1])
+    distinct = np.unique(flat, axis=0 if arr.ndim == 3 else None)
+    raise UserError(
+        f"{name}: mask {str(path)!r} holds {len(distinct)} distinct values "
+        f"({_show_values(distinct)}), not two: a mask must be 0 for background and one "
+        "nonzero value for the lesion (0/1, 0/255, ...), and grey levels (JPEG, anti-aliasing, "
+        "soft or label masks) are not guessed at; re-save it as a two-valued PNG (e.g. 0/255), "
+        "thresholded where you mean the lesion edge to be"
+    )
+
+
+def mask_values(img: Image.Image, *, path: object = "", name: str = "dataset") -> np.ndarray:
+    """A PIL mask's raw values (H, W), or colours (H, W, C), for ``binarize_mask``: 16-bit
+    values are kept (a 16-bit 0/1 mask stays 0/1), palettes become their colours, alpha is
+    dropped unless the shape lies only in it (then a UserError)."""
+    mode = img.mode
+    if mode in ("1", "L", "I", "F") or mode.startswith("I;"):
+        return np.asarray(img)
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    elif mode not in ("LA", "RGBA", "La", "RGBa", "RGB"):
+        img = img.convert("RGB")
+    arr = np.asarray(img)
+    if img.mode == "RGB":
+        return arr
+    colour, alpha = arr[..., :-1], arr[..., -1]
+    flat = colour.reshape(-1, colour.shape[-1])
+    if alpha.min() != alpha.max() and (flat == flat[0]).all():
+        raise UserError(
+            f"{name}: mask {str(path)!r} is one colour everywhere and draws its shape in the "
+            f"alpha channel only (alpha {int(alpha.min())}..{int(alpha.max())}); alpha is not "
+            "read: save the mask as a grey PNG, 0 for background and 255 for the lesion"
+        )
+    return colour
+
+
 def prepare_mask(
-    img: Image.Image, *, size: Size | None, fit: Fit = "stretch", path: object = ""
+    img: Image.Image,
+    *,
+    size: Size | None,
+    fit: Fit = "stretch",
+    path: object = "",
+    name: str = "dataset",
 ) -> np.ndarray:
-    """A PIL mask as bool (H, W) at ``size``: foreground is grey level > 127, nearest resize."""
-    img = _to_8bit(img, path).convert("L")
-    binary = img.point(lambda v: 255 if v > 127 else 0)
+    """A PIL mask as bool (H, W) at ``size``: nonzero is lesion (``binarize_mask``, at the
+    native size), then a nearest-neighbour resize."""
+    lesion = binarize_mask(mask_values(img, path=path, name=name), path=path, name=name)
+    binary = Image.fromarray(lesion.astype(np.uint8) * 255)
     binary = _place(binary, size, fit, Image.Resampling.NEAREST)
     return np.asarray(binary, dtype=np.uint8) > 127
 
@@ -205,9 +310,15 @@ def read_image(
 
 
 def read_masks(
-    paths: Iterable[Path], *, size: Size | None, fit: Fit = "stretch", image_hw: Size
+    paths: Iterable[Path],
+    *,
+    size: Size | None,
+    fit: Fit = "stretch",
+    image_hw: Size,
+    name: str = "dataset",
 ) -> np.ndarray:
-    """The union of one image's mask files as bool (H, W) at ``size``.
+    """The union of one image's mask files as bool (H, W) at ``size``; each file is read by
+    ``binarize_mask``'s rule (nonzero is lesion, grey levels refused).
 
     Every mask must have the image's native size (``image_hw``): a mask of another size is
     misaligned, and resizing it would hide the error.
@@ -217,10 +328,10 @@ def read_masks(
         img = open_image(path)
         if (img.height, img.width) != tuple(image_hw):
             raise UserError(
-                f"mask {str(path)!r} is {img.height}x{img.width} but its image is "
+                f"{name}: mask {str(path)!r} is {img.height}x{img.width} but its image is "
                 f"{image_hw[0]}x{image_hw[1]}; masks must match their image pixel for pixel"
             )
-        mask = prepare_mask(img, size=size, fit=fit, path=path)
+        mask = prepare_mask(img, size=size, fit=fit, path=path, name=name)
         union = mask if union is None else union | mask
     assert union is not None, "read_masks needs at least one path"
     return union
@@ -284,7 +395,7 @@ def _load_records_cached(
         arr, hw = read_image(rec.image, channels=channels, size=size, fit=fit)
         mask = None
         if rec.masks is not None:
-            mask = read_masks(rec.masks, size=size, fit=fit, image_hw=hw)
+            mask = read_masks(rec.masks, size=size, fit=fit, image_hw=hw, name=name)
         return arr, hw, mask
 
     assert len({r.masks is None for r in records}) <= 1, "masks for all records or none"

@@ -14,16 +14,19 @@ are defined on the image scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch.utils.data import Dataset
 
+from benchmarks.core.checks import Range
 from benchmarks.core.errors import UserError
 from benchmarks.core.registry import Registry
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# the image side of the synthetic datasets: their lesions, blobs and textures need room
+SynthSize = Annotated[int, Range(16)]
 
 
 @dataclass(frozen=True)
@@ -32,17 +35,45 @@ class DatasetInfo:
 
     source: "synthetic" (generated from a seed, always available) or "real" (read from a
         directory the user names: ``--data-root``, a suite entry, or ``root_env``).
-    masks: the items carry lesion masks (``mask``); organ_masks: they carry ``organ_mask``.
+    masks: the items carry lesion masks (``mask``) - by default, when ``masks_option``
+        names options that switch them; organ_masks: they carry ``organ_mask``.
+    masks_option: the option (or options) of the dataset callable that decide whether its
+        items carry lesion masks, for entries whose masks depend on the suite's options
+        (``folder``'s ``masks``, ``csv``'s ``mask_col`` and ``mask_pattern``). Masks are
+        declared when any named option is set to something other than None or False; an
+        option the entry leaves out counts as ``masks`` (the registration's default). None:
+        ``masks`` alone decides. See ``declares_masks``.
     root_env: environment variable naming the data directory, for real data.
+    root_option: an option whose absolute path stands for the data root (``csv``'s
+        ``manifest``): an entry that gives one needs no ``--data-root``.
     how_to_get: one line telling a user how to obtain the data.
     """
 
     source: Literal["synthetic", "real"] = "synthetic"
     masks: bool = False
     organ_masks: bool = False
+    masks_option: str | tuple[str, ...] | None = None
     root_env: str | None = None
+    root_option: str | None = None
     how_to_get: str = ""
     version: int = 1
+
+    def declares_masks(self, options: dict[str, Any]) -> bool:
+        """Whether an entry of this dataset with these suite ``options`` carries lesion
+        masks; pure (reads no file), for the plan and the dry run.
+
+        >>> DatasetInfo(masks=True).declares_masks({})
+        True
+        >>> info = DatasetInfo(masks=False, masks_option=("mask_col", "mask_pattern"))
+        >>> info.declares_masks({}), info.declares_masks({"mask_pattern": "m/{id}.png"})
+        (False, True)
+        >>> DatasetInfo(masks=True, masks_option="masks").declares_masks({"masks": False})
+        False
+        """
+        names = (self.masks_option,) if isinstance(self.masks_option, str) else self.masks_option
+        if not names:
+            return self.masks
+        return any(options.get(n, self.masks) not in (None, False) for n in names)
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset", DatasetInfo)

@@ -13,10 +13,9 @@ default.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-from datasets._io import DATA_ROOT_ENV, locate
+from datasets._io import DATA_ROOT_ENV, Channels, Fit, Fractions, ImageSize, locate
 from datasets._split import DEFAULT_FRACTIONS
 from datasets.base import DATASETS, ArrayDataset
 from datasets.folder import load_folder
@@ -31,17 +30,24 @@ HOW_TO_GET = (
 )
 
 
-@DATASETS.register("busi", source="real", masks=True, root_env=DATA_ROOT_ENV, how_to_get=HOW_TO_GET)
+@DATASETS.register(
+    "busi",
+    source="real",
+    masks=True,
+    masks_option="masks",
+    root_env=DATA_ROOT_ENV,
+    how_to_get=HOW_TO_GET,
+)
 def busi(
     split: str,
     *,
     root: str | Path | None = None,
-    image_size: int | Sequence[int] | None = None,
+    image_size: ImageSize = None,
     seed: int = 0,
-    channels: int = 1,
+    channels: Channels = 1,
     masks: bool = True,
-    fit: str = "stretch",
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fit: Fit = "stretch",
+    fractions: Fractions = DEFAULT_FRACTIONS,
 ) -> ArrayDataset:
     """BUSI breast ultrasound (normal/benign/malignant) with tumour masks, seeded split.
 

@@ -11,7 +11,12 @@ Masks are found one of two ways:
 
 Files whose name ends in ``_mask`` or ``_mask_<k>`` are never taken for images. When masks
 are asked for, an image without one is an error naming it: a missing mask is not an empty
-lesion.
+lesion. A tree needs at least two class folders.
+
+``mask_dir`` may point anywhere, ``..`` and absolute paths included, with no
+``allow_outside_root`` switch: unlike a CSV table's rows (data, possibly written by someone
+else), it is a folder the user names in their own suite entry, and the files are found by
+listing it, never by names the data supplies.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from typing import Literal
 from benchmarks.core.errors import UserError
 from datasets._io import (
     DATA_ROOT_ENV,
+    Channels,
+    Fit,
+    Fractions,
+    ImageSize,
     Record,
     as_names,
     as_size,
@@ -94,6 +103,12 @@ def folder_records(
             f"got {None if mask_dir is None else str(mask_dir)!r}"
         )
     class_names = _class_folders(base, classes, name=name)
+    if len(class_names) < 2:
+        raise UserError(
+            f"{name}: {str(base)!r} needs at least two classes, found only "
+            f"{class_names[0]!r}; add a folder per class (root/<class>/<image>.png)"
+            + (" or name more classes in classes=" if classes is not None else "")
+        )
     records: list[Record] = []
     for label, cls in enumerate(class_names):
         images = _image_files(base / cls)
@@ -158,6 +173,7 @@ def load_folder(
     "folder",
     source="real",
     masks=False,
+    masks_option="masks",
     root_env=DATA_ROOT_ENV,
     how_to_get="Arrange your images as DIR/<class>/<image>.png (masks optional) and pass DIR.",
 )
@@ -165,15 +181,15 @@ def folder(
     split: str,
     *,
     root: str | Path | None = None,
-    image_size: int | Sequence[int] | None = None,
+    image_size: ImageSize = None,
     seed: int = 0,
     subdir: str | None = None,
     classes: Sequence[str] | None = None,
-    channels: int = 3,
+    channels: Channels = 3,
     masks: MaskMode | None = None,
     mask_dir: str | Path | None = None,
-    fit: str = "stretch",
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fit: Fit = "stretch",
+    fractions: Fractions = DEFAULT_FRACTIONS,
 ) -> ArrayDataset:
     """Images in one folder per class (root/<class>/*.png|jpg), split stratified by seed.
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from benchmarks.core.errors import DataNotFound, UserError
-from datasets._io import DATA_ROOT_ENV, as_size, locate, prepare_image
+from datasets._io import DATA_ROOT_ENV, Channels, ImageSize, as_size, locate, prepare_image
 from datasets.base import DATASETS, SPLITS, ArrayDataset, check_split
 
 # Class names where MedMNIST's own INFO names them; other files get "0", "1", ...
@@ -114,8 +114,8 @@ def load_npz(
     path: Path,
     *,
     name: str,
-    image_size: int | Sequence[int] | None = None,
-    channels: int | None = None,
+    image_size: ImageSize = None,
+    channels: Channels | None = None,
     class_names: Sequence[str] | None = None,
     family: str | None = None,
 ) -> ArrayDataset:
@@ -194,12 +194,12 @@ def _make(fixed_name: str | None, fixed_variant: str | None) -> Callable[..., Ar
         split: str,
         *,
         root: str | Path | None = None,
-        image_size: int | Sequence[int] | None = None,
+        image_size: ImageSize = None,
         seed: int = 0,
         name: str | None = None,
         variant: str | None = fixed_variant,
         file: str | None = None,
-        channels: int | None = None,
+        channels: Channels | None = None,
         class_names: Sequence[str] | None = None,
         download: bool = False,
     ) -> ArrayDataset:

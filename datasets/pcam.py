@@ -13,7 +13,6 @@ small); images are read one by one, each worker process opening the file itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +20,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.core.checks import PositiveInt
 from benchmarks.core.errors import DataNotFound, UserError
-from datasets._io import DATA_ROOT_ENV, as_size, check_channels, locate, prepare_image
+from datasets._io import (
+    DATA_ROOT_ENV,
+    Channels,
+    ImageSize,
+    as_size,
+    check_channels,
+    locate,
+    prepare_image,
+)
 from datasets.base import DATASETS, ImageDataset, check_split
 
 if TYPE_CHECKING:
@@ -71,10 +79,10 @@ class PCamDataset(ImageDataset):
         y_path: Path,
         *,
         split: str,
-        max_items: int | None = None,
+        max_items: PositiveInt | None = None,
         seed: int = 0,
         size: tuple[int, int] | None = None,
-        channels: int = 3,
+        channels: Channels = 3,
         name: str = "pcam",
     ):
         self.x_path, self.y_path, self.name = Path(x_path), Path(y_path), name
@@ -147,10 +155,10 @@ def pcam(
     split: str,
     *,
     root: str | Path | None = None,
-    image_size: int | Sequence[int] | None = None,
+    image_size: ImageSize = None,
     seed: int = 0,
-    channels: int = 3,
-    max_items: int | None = None,
+    channels: Channels = 3,
+    max_items: PositiveInt | None = None,
 ) -> PCamDataset:
     """PatchCamelyon tumour patches (normal/tumor), 96 x 96 RGB, read lazily from HDF5.
 

@@ -31,8 +31,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from benchmarks.core.checks import Fraction, PositiveInt
 from benchmarks.core.errors import UserError
 from datasets._draw import (
+    DrawnSize,
     Shape,
     blobs,
     check_common,
@@ -247,12 +249,12 @@ def synth_cxr(
     split: str,
     *,
     root: str | None = None,
-    image_size: int | None = None,
+    image_size: DrawnSize | None = None,
     seed: int = 0,
-    n: int | None = None,
-    n_opacities: int = 2,
-    confounder_rate: float = 0.0,
-    confounder_negative_rate: float = 0.0,
+    n: PositiveInt | None = None,
+    n_opacities: PositiveInt = 2,
+    confounder_rate: Fraction = 0.0,
+    confounder_negative_rate: Fraction = 0.0,
 ) -> ArrayDataset:
     """Chest-radiograph phantoms; positives carry opacities in the lungs (exact masks)."""
     size, count = check_common(

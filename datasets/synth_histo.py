@@ -24,8 +24,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from benchmarks.core.checks import PositiveInt
 from benchmarks.core.errors import UserError
 from datasets._draw import (
+    DrawnSize,
     Shape,
     blobs,
     check_common,
@@ -175,10 +177,10 @@ def synth_histo(
     split: str,
     *,
     root: str | None = None,
-    image_size: int | None = None,
+    image_size: DrawnSize | None = None,
     seed: int = 0,
-    n: int | None = None,
-    clusters: int = 1,
+    n: PositiveInt | None = None,
+    clusters: PositiveInt = 1,
 ) -> ArrayDataset:
     """H&E-like patches; tumour positives carry clusters of atypical nuclei (exact masks)."""
     size, count = check_common(

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from datasets.base import DATASETS, SPLITS, ArrayDataset, check_split
+from benchmarks.core.checks import PositiveInt
+from datasets.base import DATASETS, SPLITS, ArrayDataset, SynthSize, check_split
 
 DEFAULT_SIZES = {"train": 800, "val": 100, "test": 200}
 
@@ -44,7 +45,12 @@ def _item(rng: np.random.Generator, size: int, positive: bool) -> tuple[np.ndarr
     "synth-lesion", source="synthetic", masks=True, how_to_get="generated from the seed"
 )
 def synth_lesion(
-    split: str, *, root=None, image_size: int | None = None, seed: int = 0, n: int | None = None
+    split: str,
+    *,
+    root=None,
+    image_size: SynthSize | None = None,
+    seed: int = 0,
+    n: PositiveInt | None = None,
 ) -> ArrayDataset:
     """Textured background with distractor squares; positives carry a bright disk lesion."""
     split = check_split(split, "synth-lesion")

@@ -7,7 +7,16 @@ over the row's columns (``image_pattern="images/{image_id}.jpg"``), relative to
 ``base_dir`` (default: the table's folder). Labels are integers (class names ``"0"``,
 ``"1"``, ... unless ``class_names`` are given) or strings (class names sorted, or in the
 order ``class_names`` gives). Every cell is read as text, so ids like ``007`` keep their
-zeros.
+zeros. A table needs at least two classes among its labels.
+
+Every image and mask path must resolve (``Path.resolve()``: ``..`` and symlinks followed)
+inside the *data root* of the table: the folder holding the table, which the user named,
+plus ``base_dir`` when it is given as an absolute path (naming a folder explicitly counts as
+allowing it). A relative ``base_dir`` is only a prefix inside the table's folder: reaching
+out of it with ``..`` is refused like any other path. A table is data and may come from
+elsewhere, so a path that leaves the root (``/etc/...``, ``../../x``, a symlink to another
+disk) is a UserError naming the row and the root; ``allow_outside_root=True`` (in a suite:
+``allow_outside_root = true`` on the entry) accepts such files.
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ from typing import TYPE_CHECKING
 from benchmarks.core.errors import UserError
 from datasets._io import (
     DATA_ROOT_ENV,
+    Channels,
+    Fit,
+    Fractions,
+    ImageSize,
     Record,
     as_names,
     as_size,
@@ -76,6 +89,34 @@ def _paths(
     return None
 
 
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+def _table_file(
+    base: Path,
+    rel: str,
+    *,
+    what: str,
+    row: int,
+    manifest: Path,
+    roots: Sequence[Path],
+    allow_outside_root: bool,
+    name: str,
+) -> Path:
+    """``base / rel``, refused when it resolves outside ``roots`` (unless allowed)."""
+    path = base / rel
+    if rel and not allow_outside_root and not _inside(path, roots):
+        where = " or ".join(repr(str(r)) for r in roots)
+        raise UserError(
+            f"{name}: {what} {rel!r} in row {row} of {str(manifest)!r} resolves to "
+            f"{str(path.resolve())!r}, outside the data root {where}; move the file under "
+            "the root, or set allow_outside_root = true in the suite entry to allow it"
+        )
+    return path
+
+
 def _labels(
     values: list[str], class_names: Sequence[str] | None, *, path: Path, name: str
 ) -> tuple[list[int], tuple[str, ...]]:
@@ -119,33 +160,49 @@ def load_table(
     split_col: str | None = None,
     base_dir: Path | None = None,
     class_names: Sequence[str] | None = None,
-    channels: int = 3,
-    fit: str = "stretch",
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    channels: Channels = 3,
+    fit: Fit = "stretch",
+    fractions: Fractions = DEFAULT_FRACTIONS,
+    allow_outside_root: bool = False,
     name: str = "csv",
 ) -> ArrayDataset:
     """The shared builder: read the table, resolve every file, read them once, return one
-    split."""
+    split.
+
+    ``base_dir`` is relative to the table's folder unless absolute; files must resolve
+    inside the table's folder or an absolute ``base_dir`` unless ``allow_outside_root``.
+    """
     table = read_table(manifest, name=name)
     class_names = as_names(class_names, name=name, option="class_names")
-    base = manifest.parent if base_dir is None else base_dir
+    base = manifest.parent if base_dir is None else manifest.parent / base_dir
+    roots = [manifest.parent.resolve()]
+    if base_dir is not None and base_dir.is_absolute():
+        roots.append(base_dir.resolve())
     images = _paths(table, image_col, image_pattern, what="image", path=manifest, name=name)
     if images is None:
         raise UserError(f"{name}: give image_col (a column of image paths) or image_pattern")
     mask_paths = _paths(table, mask_col, mask_pattern, what="mask", path=manifest, name=name)
     _need_columns(table, [label_col, *([id_col] if id_col else [])], path=manifest, name=name)
     labels, names = _labels(table[label_col].tolist(), class_names, path=manifest, name=name)
+    present = sorted(set(labels))
+    if len(present) < 2:
+        raise UserError(
+            f"{name}: the table {str(manifest)!r} needs at least two classes, found only "
+            f"{names[present[0]]!r} in column {label_col!r} ({len(labels)} rows); add images "
+            "of another class or check label_col"
+        )
     ids = table[id_col].tolist() if id_col else [Path(p).stem for p in images]
+    where = dict(manifest=manifest, roots=roots, allow_outside_root=allow_outside_root, name=name)
     records = []
     for k, (rid, label, rel) in enumerate(zip(ids, labels, images, strict=True)):
-        image = base / rel
+        image = _table_file(base, rel, what="image", row=k + 2, **where)
         if not rel or not image.is_file():
             raise UserError(
                 f"{name}: image {str(image)!r} (row {k + 2} of {str(manifest)!r}) does not exist"
             )
         masks = None
         if mask_paths is not None:
-            mask = base / mask_paths[k]
+            mask = _table_file(base, mask_paths[k], what="mask", row=k + 2, **where)
             if not mask_paths[k] or not mask.is_file():
                 raise UserError(
                     f"{name}: image {str(image)!r} has no mask: {str(mask)!r} does not exist "
@@ -182,14 +239,16 @@ def load_table(
     "csv",
     source="real",
     masks=False,
+    masks_option=("mask_col", "mask_pattern"),
     root_env=DATA_ROOT_ENV,
+    root_option="manifest",
     how_to_get="Write a CSV with one row per image (path, label, optional mask) and pass it.",
 )
 def csv(
     split: str,
     *,
     root: str | Path | None = None,
-    image_size: int | Sequence[int] | None = None,
+    image_size: ImageSize = None,
     seed: int = 0,
     manifest: str | Path | None = None,
     image_col: str | None = "image",
@@ -201,17 +260,20 @@ def csv(
     split_col: str | None = None,
     base_dir: str | Path | None = None,
     class_names: Sequence[str] | None = None,
-    channels: int = 3,
-    fit: str = "stretch",
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    channels: Channels = 3,
+    fit: Fit = "stretch",
+    fractions: Fractions = DEFAULT_FRACTIONS,
+    allow_outside_root: bool = False,
 ) -> ArrayDataset:
     """Images listed in a CSV (path, label, optional mask), split by seed or a split column.
 
-    ``manifest`` is the table, relative to ``root`` unless absolute; ``root`` may also be the
-    table itself. Paths in the table are relative to ``base_dir`` (relative to the table's
-    folder; default that folder). ``image_pattern`` replaces ``image_col`` (set
-    ``image_col=None``) to build paths from other columns. Ids are ``id_col`` or the image
-    file's stem. ``image_size`` None keeps the native size, which must then be one size.
+    ``manifest`` is the table, relative to ``root`` unless absolute (then ``root`` may be
+    left out); ``root`` may also be the table itself. Paths in the table are relative to
+    ``base_dir`` (relative to the table's folder; default that folder). ``image_pattern``
+    replaces ``image_col`` (set ``image_col=None``) to build paths from other columns. Ids
+    are ``id_col`` or the image file's stem. ``image_size`` None keeps the native size,
+    which must then be one size. Files must lie inside the table's folder (or an absolute
+    ``base_dir``) unless ``allow_outside_root=True``.
     """
     if image_pattern is not None:
         image_col = None
@@ -237,11 +299,12 @@ def csv(
         mask_pattern=mask_pattern,
         id_col=id_col,
         split_col=split_col,
-        base_dir=None if base_dir is None else path.parent / Path(base_dir).expanduser(),
+        base_dir=None if base_dir is None else Path(base_dir).expanduser(),
         class_names=class_names,
         channels=channels,
         fit=fit,
         fractions=fractions,
+        allow_outside_root=allow_outside_root,
     )
 
 
@@ -255,24 +318,31 @@ PH2_HOW_TO_GET = (
 
 
 @DATASETS.register(
-    "ph2", source="real", masks=True, root_env=DATA_ROOT_ENV, how_to_get=PH2_HOW_TO_GET
+    "ph2",
+    source="real",
+    masks=True,
+    masks_option="masks",
+    root_env=DATA_ROOT_ENV,
+    how_to_get=PH2_HOW_TO_GET,
 )
 def ph2(
     split: str,
     *,
     root: str | Path | None = None,
-    image_size: int | Sequence[int] | None = None,
+    image_size: ImageSize = None,
     seed: int = 0,
-    channels: int = 3,
+    channels: Channels = 3,
     masks: bool = True,
-    fit: str = "stretch",
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fit: Fit = "stretch",
+    fractions: Fractions = DEFAULT_FRACTIONS,
+    allow_outside_root: bool = False,
 ) -> ArrayDataset:
     """PH2 dermoscopy (common nevus/atypical nevus/melanoma) with lesion masks, seeded split.
 
     ``root`` holds ``ph2/`` or is that folder (``labels.csv``, ``images/<id>.jpg``,
     ``masks/<id>_lesion.png``). ``image_size`` None means 128 x 128 (the 4:3 frame is
     stretched unless ``fit="pad"``). Ids are the image ids (``IMD002``).
+    ``allow_outside_root=True`` accepts images/ or masks/ that are symlinks out of the folder.
     """
     folder = locate(
         root,
@@ -295,5 +365,6 @@ def ph2(
         channels=channels,
         fit=fit,
         fractions=fractions,
+        allow_outside_root=allow_outside_root,
         name="ph2",
     )

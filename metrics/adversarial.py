@@ -43,7 +43,7 @@ input against its original map:
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ from captum.robust import FGSM, PGD
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from benchmarks.core.checks import NonNegativeFloat, PositiveFloat, PositiveInt, Range
 from benchmarks.core.errors import UserError
 from cams.base import upsample
 from cams.hooks import attach_tap, model_guard, resolve_layer
@@ -81,9 +82,9 @@ def attack_inputs(
     target: torch.Tensor,
     *,
     attack: Attack = "fgsm",
-    epsilon: float = 8 / 255,
-    steps: int = 10,
-    step_size: float | None = None,
+    epsilon: NonNegativeFloat = 8 / 255,
+    steps: PositiveInt = 10,
+    step_size: PositiveFloat | None = None,
 ) -> torch.Tensor:
     """Untargeted L-inf attack on ``target`` (the predicted class): FGSM, one step of size
     ``epsilon``, or PGD, ``steps`` steps of ``step_size`` (default 2.5 epsilon / steps, as
@@ -131,9 +132,9 @@ def prediction_attack(
     ctx: MetricContext,
     *,
     attack: Attack = "fgsm",
-    epsilon: float = 8 / 255,
-    steps: int = 10,
-    step_size: float | None = None,
+    epsilon: NonNegativeFloat = 8 / 255,
+    steps: PositiveInt = 10,
+    step_size: PositiveFloat | None = None,
     flipped_only: bool = True,
 ) -> Scores:
     """Spearman similarity of the map of the attacked image (new predicted class) to the
@@ -198,7 +199,7 @@ def surrogate_maps(
     *,
     surrogate: Surrogate = "gradcam",
     layer: nn.Module | str | None = None,
-    beta: float = 10.0,
+    beta: NonNegativeFloat = 10.0,
 ) -> torch.Tensor:
     """Differentiable maps (B, H, W) of ``x`` (keep the graph: ``x`` may require grad) on the
     softplus surrogate of ``model``. Call inside ``model_guard``: hooks go on the model."""
@@ -235,14 +236,14 @@ def _objective(
 def explanation_attack_inputs(
     ctx: MetricContext,
     *,
-    epsilon: float = 8 / 255,
-    steps: int = 10,
-    step_size: float | None = None,
+    epsilon: NonNegativeFloat = 8 / 255,
+    steps: PositiveInt = 10,
+    step_size: PositiveFloat | None = None,
     objective: Objective = "topk",
-    k: float | int = 0.1,
+    k: Annotated[float | int, Range(0, open_min=True)] = 0.1,
     surrogate: Surrogate = "gradcam",
     layer: nn.Module | str | None = None,
-    beta: float = 10.0,
+    beta: NonNegativeFloat = 10.0,
 ) -> torch.Tensor:
     """The perturbed inputs of the explanation attack (see the module docstring)."""
     if not epsilon >= 0:
@@ -299,14 +300,14 @@ def explanation_attack_inputs(
 def explanation_attack(
     ctx: MetricContext,
     *,
-    epsilon: float = 8 / 255,
-    steps: int = 10,
-    step_size: float | None = None,
+    epsilon: NonNegativeFloat = 8 / 255,
+    steps: PositiveInt = 10,
+    step_size: PositiveFloat | None = None,
     objective: Objective = "topk",
-    k: float | int = 0.1,
+    k: Annotated[float | int, Range(0, open_min=True)] = 0.1,
     surrogate: Surrogate = "gradcam",
     layer: str | None = None,
-    beta: float = 10.0,
+    beta: NonNegativeFloat = 10.0,
 ) -> Scores:
     """Top-k intersection of the map after an explanation attack (Ghorbani et al. 2019) that
     keeps the predicted class with the original map (higher = more robust)."""

@@ -54,6 +54,8 @@ class MetricInfo:
 
 METRICS: Registry[MetricInfo] = Registry("metric", MetricInfo)
 
+ClassScore = Literal["logit", "probability"]  # the class score a curve follows
+
 Explainer = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

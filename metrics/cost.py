@@ -35,6 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from benchmarks.core.checks import NonNegativeInt, PositiveInt
 from benchmarks.core.errors import NotApplicable
 from metrics.base import METRICS, MetricContext, Scores
 
@@ -115,7 +116,9 @@ def pass_seconds(
     secondary=(("pass_ratio", False), ("forwards", False), ("backwards", False)),
     host_dependent=True,
 )
-def wall_time(ctx: MetricContext, *, warmup: int = 1, repeats: int = 3) -> Scores:
+def wall_time(
+    ctx: MetricContext, *, warmup: NonNegativeInt = 1, repeats: PositiveInt = 3
+) -> Scores:
     """Seconds per image to explain the batch (median over repeats after warm-up), and its
     ratio to the forward and backward passes the method makes (see the module docstring)."""
     if ctx.explain is None:

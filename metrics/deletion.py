@@ -32,15 +32,16 @@ All steps of all images are one stream of forwards of ``ctx.batch_size`` images 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 
+from benchmarks.core.checks import Range, fits_image
 from benchmarks.core.errors import UserError
-from metrics.base import METRICS, MetricContext, Scores, class_score
+from metrics.base import METRICS, ClassScore, MetricContext, Scores, class_score
 from metrics.faithfulness import region_ranks
-from metrics.perturbations import get_perturbation
+from metrics.perturbations import PerturbationName, SubstrateOptions, get_perturbation
 
 Mode = Literal["deletion", "insertion"]
 
@@ -108,14 +109,37 @@ def causal_curve(
     return curve, fractions
 
 
+def step_fits(options: dict, hw: tuple[int, int]) -> str:
+    """Why ``step`` does not fit (H, W) images ("" if it does): it must be a pixel count or
+    a share in (0, 1], and smaller than the image, or the curve has one step.
+
+    >>> step_fits({"step": 1.5}, (8, 8))
+    'step = 1.5: a share of the image must be in (0, 1]; give an int for a pixel count'
+    >>> step_fits({"step": 64}, (8, 8))
+    'step = 64 changes the whole 8x8 image at once, so every map would score alike; use a smaller step (e.g. 1/32)'
+    """
+    step, n_pixels = options["step"], hw[0] * hw[1]
+    if isinstance(step, float) and not 0.0 < step <= 1.0:
+        return (
+            f"step = {step}: a share of the image must be in (0, 1]; give an int for a pixel count"
+        )
+    if pixels_per_step(step, n_pixels) < n_pixels:
+        return ""
+    return (
+        f"step = {step} changes the whole {hw[0]}x{hw[1]} image at once, so every map would "
+        "score alike; use a smaller step (e.g. 1/32)"
+    )
+
+
 def _causal_metric(mode: Mode, default_substrate: str):
+    @fits_image(step_fits)
     def metric(
         ctx: MetricContext,
         *,
-        step: int | float = 1 / 224,
-        substrate: str = default_substrate,
-        substrate_options: dict | None = None,
-        score: str = "probability",
+        step: Annotated[int | float, Range(0, open_min=True)] = 1 / 224,
+        substrate: PerturbationName = default_substrate,
+        substrate_options: SubstrateOptions = None,
+        score: ClassScore = "probability",
     ) -> Scores:
         curve, fractions = causal_curve(
             ctx,

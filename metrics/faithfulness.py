@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.core.checks import PositiveInt, fits_image
 from benchmarks.core.errors import UserError
-from metrics.base import METRICS, MetricContext, Scores, class_score
-from metrics.perturbations import get_perturbation
+from metrics.base import METRICS, ClassScore, MetricContext, Scores, class_score
+from metrics.perturbations import PerturbationName, PerturbationOptions, get_perturbation
 
 Order = Literal["morf", "lerf"]
 
@@ -105,16 +106,39 @@ def scaled_region(region: int, reference_size: int | None, image_size: int) -> i
     return max(1, round(region * image_size / reference_size))
 
 
+def region_fits(options: dict, hw: tuple[int, int]) -> str:
+    """Why a region-based entry's ``region`` does not fit (H, W) images ("" if it does): a
+    region as large as the image makes the curve one step, on which every map scores alike.
+
+    >>> region_fits({"region": 40, "reference_size": None}, (32, 32))
+    'region = 40 covers the whole 32x32 image, so every map would score alike; use a region smaller than the image (e.g. 4)'
+    >>> region_fits({"region": 34, "reference_size": 224}, (28, 28))
+    ''
+    """
+    side = min(hw)
+    region = scaled_region(options["region"], options["reference_size"], side)
+    if region < side:
+        return ""
+    given = f"region = {options['region']}"
+    if options["reference_size"] is not None:
+        given += f" at reference_size = {options['reference_size']} ({region} px here)"
+    return (
+        f"{given} covers the whole {hw[0]}x{hw[1]} image, so every map would score alike; "
+        f"use a region smaller than the image (e.g. {max(1, side // 8)})"
+    )
+
+
 def _aopc_metric(order: Order):
+    @fits_image(region_fits)
     def metric(
         ctx: MetricContext,
         *,
-        region: int = 8,
-        reference_size: int | None = None,
-        steps: int | None = None,
-        perturbation: str = "gaussian",
-        perturbation_options: dict | None = None,
-        score: str = "logit",
+        region: PositiveInt = 8,
+        reference_size: PositiveInt | None = None,
+        steps: PositiveInt | None = None,
+        perturbation: PerturbationName = "gaussian",
+        perturbation_options: PerturbationOptions = None,
+        score: ClassScore = "logit",
         correct_only: bool = False,
     ) -> Scores:
         curve = perturbation_curve(
@@ -147,15 +171,16 @@ aopc_lerf.__doc__ = "AOPC over the LeRF curve: mean score drop as the least rele
 
 
 @METRICS.register("abpc", kind="faithfulness", higher_is_better=True)
+@fits_image(region_fits)
 def abpc(
     ctx: MetricContext,
     *,
-    region: int = 8,
-    reference_size: int | None = None,
-    steps: int | None = None,
-    perturbation: str = "gaussian",
-    perturbation_options: dict | None = None,
-    score: str = "logit",
+    region: PositiveInt = 8,
+    reference_size: PositiveInt | None = None,
+    steps: PositiveInt | None = None,
+    perturbation: PerturbationName = "gaussian",
+    perturbation_options: PerturbationOptions = None,
+    score: ClassScore = "logit",
     correct_only: bool = False,
 ) -> Scores:
     """ABPC: area between the LeRF and MoRF curves, 1/(L+1) sum_k [f(x_lerf^k) - f(x_morf^k)]."""

@@ -8,10 +8,12 @@ region by region, so a region, once perturbed, keeps its values for the rest of 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.core.checks import OneOf, OptionsFor
 from benchmarks.core.errors import UserError
 
 Perturbation = Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]
@@ -74,6 +76,18 @@ PERTURBATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "mean": mean,
     "blur": blur,
 }
+
+
+PerturbationName = Annotated[str, OneOf(PERTURBATIONS)]
+
+
+def perturbation_options(param: str):
+    """The type of a dict of options for the perturbation that option ``param`` names."""
+    return Annotated[dict | None, OptionsFor(param, PERTURBATIONS)]
+
+
+PerturbationOptions = perturbation_options("perturbation")
+SubstrateOptions = perturbation_options("substrate")
 
 
 def get_perturbation(name: str, **options) -> Perturbation:

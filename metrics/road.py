@@ -42,8 +42,9 @@ import torch
 from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import spsolve
 
+from benchmarks.core.checks import NonNegativeFloat, OpenFraction
 from benchmarks.core.errors import UserError
-from metrics.base import METRICS, MetricContext, Scores, class_score
+from metrics.base import METRICS, ClassScore, MetricContext, Scores, class_score
 from metrics.faithfulness import region_ranks
 
 Order = Literal["morf", "lerf"]
@@ -112,7 +113,7 @@ def noisy_linear_imputation(
     removed: torch.Tensor,
     gens: Sequence[torch.Generator],
     *,
-    noise: float = 0.01,
+    noise: NonNegativeFloat = 0.01,
 ) -> torch.Tensor:
     """Impute the pixels of images x (B, C, H, W) where ``removed`` (B, H, W) is True by
     linear imputation plus N(0, noise^2) per imputed value, drawn from the image's
@@ -178,9 +179,9 @@ def _road_metric(order: Order):
     def metric(
         ctx: MetricContext,
         *,
-        percentages: Sequence[float] = DEFAULT_PERCENTAGES,
-        noise: float = 0.01,
-        score: str = "probability",
+        percentages: Sequence[OpenFraction] = DEFAULT_PERCENTAGES,
+        noise: NonNegativeFloat = 0.01,
+        score: ClassScore = "probability",
     ) -> Scores:
         curve = road_curve(ctx, order=order, percentages=percentages, noise=noise, score=score)
         return Scores(values={"value": curve.mean(axis=1)}, curves={order: curve})

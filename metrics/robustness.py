@@ -36,11 +36,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.core.checks import NonNegativeFloat, OneOf, PositiveFloat, PositiveInt, Range
 from benchmarks.core.errors import NotApplicable, UserError
 from metrics._similarity import SIMILARITIES, spearman, ssim, ssim_or_nan, topk_intersection
 from metrics.base import METRICS, MetricContext, Scores, rebatch
@@ -198,10 +200,10 @@ def apply_transform(
 def stability(
     ctx: MetricContext,
     *,
-    transform: str = "noise",
-    strength: float | None = None,
-    similarity: str = "spearman",
-    k: float | int = 0.1,
+    transform: Annotated[str, OneOf(TRANSFORMS)] = "noise",
+    strength: NonNegativeFloat | None = None,
+    similarity: Annotated[str, OneOf(SIMILARITIES)] = "spearman",
+    k: Annotated[float | int, Range(0, open_min=True)] = 0.1,
 ) -> Scores:
     """Similarity of the map of T(x) to the map of x carried through T, where the prediction holds.
 
@@ -256,8 +258,8 @@ def linf_uniform_deltas(
 def max_sensitivity(
     ctx: MetricContext,
     *,
-    radius: float = 0.05,
-    n_samples: int = 10,
+    radius: PositiveFloat = 0.05,
+    n_samples: PositiveInt = 10,
     skip_changed: bool = False,
 ) -> Scores:
     """Max-Sensitivity (Yeh et al. 2019): max over uniform L-inf noise of the relative change

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.core.checks import PositiveInt
 from benchmarks.core.errors import UserError
 from metrics._similarity import spearman, ssim_or_nan
 from metrics.base import METRICS, MetricContext, Scores
@@ -162,7 +163,7 @@ def cascading_randomization(
     ctx: MetricContext,
     *,
     granularity: Granularity = "module",
-    block_depth: int = 2,
+    block_depth: PositiveInt = 2,
     draw: int = 0,
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """One cascade with the random weights of ``draw``: the step names and the Spearman and
@@ -201,8 +202,8 @@ def model_randomization(
     ctx: MetricContext,
     *,
     granularity: Granularity = "module",
-    block_depth: int = 2,
-    n_draws: int = 1,
+    block_depth: PositiveInt = 2,
+    n_draws: PositiveInt = 1,
     summary: Summary = "final",
 ) -> Scores:
     """Cascading model randomization (Adebayo et al. 2018): Spearman similarity of |map| after

@@ -28,12 +28,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+from benchmarks.core.checks import image_problem
 from benchmarks.core.errors import DataNotFound, NotApplicable, UserError
 from benchmarks.engine.plan import Cell, GroupPlan, Status
 from benchmarks.engine.progress import Progress, log
 from benchmarks.engine.store import CELL_COLUMNS, CURVE_COLUMNS, ROW_COLUMNS
 from benchmarks.engine.suite import Component, option_names
-from benchmarks.models.training import get_trained_model
+from benchmarks.models.training import check_finite, get_trained_model
 from benchmarks.models.zoo import MODELS
 from cams import METHODS
 from cams.gradient_cams import SharedPass
@@ -106,6 +107,62 @@ def load_dataset(plan: GroupPlan, split: str):
     return DATASETS.get(dc.use).obj(split, root=plan.root, seed=plan.seed, **dc.options)
 
 
+def labels_of(dataset) -> np.ndarray:
+    """Every label of a dataset, without reading its images where it keeps them apart."""
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        return np.asarray(labels).reshape(-1)
+    return np.array([dataset[i]["label"] for i in range(len(dataset))])
+
+
+def check_data(plan: GroupPlan, train_set, eval_set) -> None:
+    """Refuse data no result could be read from, before any model is trained: fewer than
+    two classes to train on, evaluation labels the training split lacks (the model could
+    never predict them), entries whose options do not fit the images (a region as large
+    as the image). Each refusal is a ``UserError`` naming the dataset and the fix."""
+    name, split = plan.dataset.label, plan.eval.split
+    source = (train_set.provenance or {}).get("source") or plan.root or "the generator"
+    names = tuple(train_set.class_names)
+    train = np.unique(labels_of(train_set))
+    if len(train) < 2:
+        only = ", ".join(repr(names[i]) if i < len(names) else str(i) for i in train)
+        raise UserError(
+            f"dataset {name} ({source}): the training split holds one class only ({only}); "
+            "a classifier needs at least two: check the labels and the split"
+        )
+    extra = sorted(set(np.unique(labels_of(eval_set)).tolist()) - set(train.tolist()))
+    if extra:
+        shown = ", ".join(repr(names[i]) if i < len(names) else str(i) for i in extra)
+        raise UserError(
+            f"dataset {name} ({source}): the {split} split has label(s) {shown} that no "
+            "training image has, so the model cannot predict them; fix the labels or the split"
+        )
+    hw = tuple(eval_set[0]["image"].shape[-2:])
+    for kind, entries in (("methods", plan.methods), ("metrics", plan.metrics)):
+        for entry in entries:
+            fn = (METHODS if kind == "methods" else METRICS).get(entry.use).obj
+            if problem := image_problem(fn, entry.options, hw):
+                raise UserError(
+                    f"[{kind}.{entry.label}] on dataset {name} ({hw[0]}x{hw[1]} images): {problem}"
+                )
+
+
+def preflight(groups: list[GroupPlan]) -> None:
+    """Read and check (``check_data``) every dataset the groups use, once each, before
+    any group starts: bad data stops the run before any model is trained, not after the
+    groups before it. Missing data is left to the group, which records it as skipped."""
+    seen: set[str] = set()
+    for g in groups:
+        if g.missing or g.dataset.label in seen:
+            continue
+        seen.add(g.dataset.label)
+        log(f"checking dataset {g.dataset.label}")
+        try:
+            check_data(g, load_dataset(g, "train"), load_dataset(g, g.eval.split))
+        except DataNotFound:
+            continue
+
+
 def prepare(spec: GroupSpec) -> Prepared:
     """Load the data, train or load the model (cached), draw the evaluation images."""
     plan = spec.plan
@@ -113,6 +170,7 @@ def prepare(spec: GroupSpec) -> Prepared:
         raise DataNotFound(plan.data.removeprefix("missing: "))
     split = plan.eval.split
     train_set, eval_set = load_dataset(plan, "train"), load_dataset(plan, split)
+    check_data(plan, train_set, eval_set)
 
     def val_set():  # loaded only for a report that lacks it
         if split == "val":
@@ -160,6 +218,9 @@ def batches(prep: Prepared, plan: GroupPlan, device: torch.device):
         }
         with torch.inference_mode():
             logits = prep.model(x)
+        check_finite(
+            logits, [it["id"] for it in items], f"model {plan.model.label} on {plan.dataset.label}"
+        )
         target = logits.argmax(1) if plan.eval.target == "predicted" else labels
         yield Batch(
             index=index,

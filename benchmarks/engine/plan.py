@@ -138,6 +138,9 @@ def resolve_data_root(dataset: Component, data_root: str | None) -> str | None:
     info = DATASETS.get(dataset.use).info
     if info.source != "real":
         return None
+    own = dataset.options.get(info.root_option) if info.root_option else None
+    if own is not None and Path(own).expanduser().is_absolute() and not dataset.root:
+        return str(Path(own).expanduser())  # the entry names its data itself
     root = dataset.root or data_root or (os.environ.get(info.root_env) if info.root_env else None)
     if not root:
         env = f" or set ${info.root_env}" if info.root_env else ""
@@ -154,7 +157,7 @@ def needs_reason(metric: Component, dataset: Component) -> str:
     from metrics import METRICS
 
     info = DATASETS.get(dataset.use).info
-    has = {"masks": info.masks, "organ_masks": info.organ_masks}
+    has = {"masks": info.declares_masks(dataset.options), "organ_masks": info.organ_masks}
     missing = [need for need in METRICS.get(metric.use).info.needs if not has.get(need, True)]
     if not missing:
         return ""
@@ -164,8 +167,8 @@ def needs_reason(metric: Component, dataset: Component) -> str:
 def _data(dataset: Component, data_root: str | None) -> tuple[str, str | None]:
     try:
         root = resolve_data_root(dataset, data_root)
-        if root is not None and not Path(root).is_dir():
-            raise DataNotFound(f"data root {root} is not a directory")
+        if root is not None and not Path(root).expanduser().exists():
+            raise DataNotFound(f"data root {root} does not exist")
     except DataNotFound as exc:
         return f"missing: {exc}", None
     return ("synthetic" if root is None else f"real: {root}"), root

@@ -45,8 +45,9 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from benchmarks.core.checks import NonNegativeInt, PositiveInt, check_options, check_value
 from benchmarks.core.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -72,6 +73,16 @@ TOP_KEYS = (
     "exclude",
 )
 KINDS = ("models", "datasets", "methods", "metrics")
+TOP_TYPES = {  # the types of the top-level values (tables are checked entry by entry)
+    "name": str,
+    "version": PositiveInt,
+    "description": str,
+    "seed": NonNegativeInt,
+    "include": str | list[str],
+    **{kind: dict for kind in KINDS},
+    "eval": dict,
+    "train": dict,
+}
 # Entry keys the pipeline reads itself, not options of the registered callable:
 #   models:   layer (target layer), checkpoint (the user's weights instead of training),
 #             train (TrainConfig overrides for this model), train_on (a table of dataset
@@ -107,11 +118,11 @@ class EvalConfig:
     resnet18: 61 s against 82 s).
     """
 
-    split: str = "test"
-    max_images: int = 64
-    batch_size: int = 32
-    forward_batch: int = 256
-    target: str = "predicted"
+    split: Literal["train", "val", "test"] = "test"
+    max_images: PositiveInt = 64
+    batch_size: PositiveInt = 32
+    forward_batch: PositiveInt = 256
+    target: Literal["predicted", "label"] = "predicted"
     channels_last: bool = True
 
 
@@ -138,7 +149,7 @@ class Component:
     train: dict[str, Any] = field(default_factory=dict)
     train_on: dict[str, dict[str, Any]] = field(default_factory=dict)
     root: str | None = None
-    max_images: int | None = None
+    max_images: PositiveInt | None = None
 
     def pipeline(self) -> dict[str, Any]:
         """The pipeline fields that are set, by name."""
@@ -259,14 +270,22 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"suite file {path}: not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"suite file {path} cannot be read ({type(exc).__name__})") from None
     _check_keys(path, "top level", data, TOP_KEYS)
+    for key, tp in TOP_TYPES.items():
+        if key in data:
+            check_value(data[key], tp, f"suite file {path}: {key}")
     merged: dict[str, Any] = {}
     includes = data.get("include", [])
     for inc in [includes] if isinstance(includes, str) else includes:
-        _merge(
-            merged,
-            _read((path.parent / inc) if not Path(inc).is_absolute() else Path(inc), (*seen, path)),
-        )
+        target = (path.parent / inc) if not Path(inc).is_absolute() else Path(inc)
+        if not target.is_file():
+            raise UserError(
+                f"suite file {path}: include {inc!r} does not exist ({target}); "
+                "include paths are relative to the including file"
+            )
+        _merge(merged, _read(target, (*seen, path)))
     _merge(merged, {k: v for k, v in data.items() if k != "include"})
     merged.setdefault("_files", []).append(str(path))
     return merged
@@ -317,13 +336,10 @@ def _components(
         entry = reg.get(use)  # unknown names raise with close matches
         allowed = option_names(entry.obj, kind) + list(ENTRY_KEYS.get(kind, ()))
         _check_keys(path, f"[{kind}.{label}] (options of {reg.kind} {entry.name!r})", opts, allowed)
-        if "max_images" in opts and (
-            not isinstance(opts["max_images"], int) or opts["max_images"] < 1
-        ):
-            raise UserError(
-                f"suite file {path}: [{kind}.{label}] max_images must be an integer >= 1, "
-                f"got {opts['max_images']!r}"
-            )
+        where = f"suite file {path}: [{kind}.{label}]"
+        pipeline = {k: opts[k] for k in ENTRY_KEYS.get(kind, ()) if k in opts}
+        check_options(entry.obj, {k: v for k, v in opts.items() if k not in pipeline}, where)
+        check_options(Component, {k: v for k, v in pipeline.items() if k != "train_on"}, where)
         if "train" in opts:
             if not isinstance(opts["train"], dict):
                 raise UserError(
@@ -333,6 +349,12 @@ def _components(
             _config(path, f"{kind}.{label}.train", TrainConfig, opts["train"])
         for dataset, train in _table(path, f"[{kind}.{label}] train_on", opts, "train_on"):
             _config(path, f"{kind}.{label}.train_on.{dataset}", TrainConfig, train)
+        checkpoint = opts.get("checkpoint")
+        if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+            raise UserError(
+                f"{where} checkpoint {checkpoint!r} does not exist; give the path of a state "
+                "dict saved with torch.save(model.state_dict(), path)"
+            )
         pipeline = {k: opts.pop(k) for k in ENTRY_KEYS.get(kind, ()) if k in opts}
         out.append(Component(label=label, use=entry.name, options=opts, **pipeline))
     return tuple(out)
@@ -366,6 +388,7 @@ def _check_train_on(path: str, models: tuple[Component, ...], datasets: tuple[Co
 def _config(path: str, name: str, cls, data: dict[str, Any]):
     allowed = [f.name for f in fields(cls)]
     _check_keys(path, f"[{name}]", data, allowed)
+    check_options(cls, data, f"suite file {path}: [{name}]")
     return cls(**data)
 
 

@@ -22,6 +22,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmarks.core.checks import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 from benchmarks.core.errors import UserError
 from benchmarks.core.files import atomic_write
 from benchmarks.models.zoo import MODELS, build_model
@@ -34,13 +41,13 @@ TRAINING_CODE_VERSION = 2  # 2: channels-last training
 class TrainConfig:
     """Training settings; every field is part of the cache key."""
 
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
+    epochs: PositiveInt = 8
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 3e-3
+    weight_decay: NonNegativeFloat = 1e-4
     flip: bool = False  # random horizontal flips as augmentation
-    shift: int = 0  # random translations by up to this many pixels (edge-replicated)
-    jitter: float = 0.0  # random brightness and contrast change, up to this fraction
+    shift: NonNegativeInt = 0  # random translations by up to this many pixels (edge-replicated)
+    jitter: Fraction = 0.0  # random brightness and contrast change, up to this fraction
     balanced: bool = False  # weight the loss by inverse class frequency (imbalanced data)
 
 
@@ -99,14 +106,38 @@ def cache_key(
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, images: torch.Tensor, *, batch_size: int = 256, device: str = "cpu"
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    device: str = "cpu",
+    ids: list[str] | None = None,
+    what: str = "the model",
 ) -> torch.Tensor:
-    """Predicted classes (N,) for images (N, C, H, W)."""
-    out = [
-        model(images[i : i + batch_size].to(device)).argmax(1).cpu()
-        for i in range(0, len(images), batch_size)
-    ]
+    """Predicted classes (N,) for images (N, C, H, W); logits that are not finite are a
+    ``UserError`` naming ``what`` and the first such image (its id from ``ids``)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        logits = model(images[i : i + batch_size].to(device))
+        names = ids[i : i + batch_size] if ids is not None else None
+        check_finite(logits, names or [f"#{j}" for j in range(i, i + len(logits))], what)
+        out.append(logits.argmax(1).cpu())
     return torch.cat(out)
+
+
+def check_finite(logits: torch.Tensor, ids: list[str], what: str) -> None:
+    """Raise ``UserError`` naming ``what`` and the first image whose logits are NaN or
+    infinite: no accuracy, map or score of such a model means anything."""
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if not bad.any():
+        return
+    first = int(bad.nonzero()[0])
+    row = logits[first].flatten()
+    raise UserError(
+        f"{what}: the logits are not finite ({row[~torch.isfinite(row)][0].item()}) on image "
+        f"{ids[first]!r} and {int(bad.sum()) - 1} more of its batch; the model diverged in "
+        "training (lower lr) or its weights are damaged (check the checkpoint)"
+    )
 
 
 def classification_report(
@@ -210,10 +241,12 @@ def train(
 
 
 def _evaluate(
-    model: nn.Module, dataset: ImageDataset, device: str, split: str = "test"
+    model: nn.Module, dataset: ImageDataset, device: str, split: str = "test", what: str = "model"
 ) -> dict[str, Any]:
     images, labels = stack(dataset)
-    y_pred = predict(model, images, device=device).numpy()
+    ids = getattr(dataset, "ids", None)
+    what = f"{what} ({split} split)"
+    y_pred = predict(model, images, device=device, ids=ids, what=what).numpy()
     report = classification_report(labels.numpy(), y_pred, tuple(dataset.class_names))
     report.update(split=split, n=len(y_pred))
     return report
@@ -314,7 +347,7 @@ def get_trained_model(
         set_normalization(model, stack(train_set)[0])
         load_checkpoint(model, checkpoint, what=f"model {model_name} on {dataset_name}")
         model.to(device).eval()
-        report = _evaluate(model, test_set, device)
+        report = _evaluate(model, test_set, device, what=f"model {model_name} on {dataset_name}")
         report.update(model=model_name, dataset=dataset_name, checkpoint=str(checkpoint))
         _with_validation(report, model, val_set, device)
         return TrainedModel(model, report, Path(checkpoint))
@@ -347,7 +380,7 @@ def get_trained_model(
         desc=f"train {model_name} on {dataset_name}",
     )
     seconds = time.perf_counter() - start
-    report = _evaluate(model, test_set, device)
+    report = _evaluate(model, test_set, device, what=f"model {model_name} on {dataset_name}")
     report.update(
         model=model_name,
         dataset=dataset_name,

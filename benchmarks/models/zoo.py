@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from benchmarks.core.checks import PositiveInt
 from benchmarks.core.registry import Registry
 
 
@@ -82,7 +83,7 @@ def _conv_block(cin: int, cout: int, *, pool: bool) -> list[nn.Module]:
 @MODELS.register(
     "gapcnn", aliases=("gap-cnn",), default_layer="features", gap_head=True, family="gap_cnn"
 )
-def gapcnn(*, in_channels: int, num_classes: int, width: int = 32) -> Classifier:
+def gapcnn(*, in_channels: int, num_classes: int, width: PositiveInt = 32) -> Classifier:
     """Small CNN, four conv-BN-ReLU blocks (two pooled: the map keeps 1/4 of the input size),
     global average pooling and one linear layer: CAM applies."""
     features = nn.Sequential(
@@ -158,7 +159,7 @@ def densenet121(*, in_channels: int, num_classes: int) -> Classifier:
 
 
 @MODELS.register("vgg16_bn", default_layer="features", gap_head=False, family="vgg")
-def vgg16_bn(*, in_channels: int, num_classes: int, hidden: int = 512) -> Classifier:
+def vgg16_bn(*, in_channels: int, num_classes: int, hidden: PositiveInt = 512) -> Classifier:
     """torchvision VGG-16-BN for small inputs: the last two max-pools dropped (1/8 of the input
     at ``features``), flatten + fully-connected head kept (CAM does not apply, as in the
     papers), hidden width ``hidden`` instead of 4096 and a 2x2 adaptive pool before it."""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.engine.store import CSV_NAME, HOST_CSV_NAME, group_key, split_group_key
+from benchmarks.engine.store import CSV_NAME, HOST_CSV_NAME, group_key
 
 BOOTSTRAP_SAMPLES = 1000
 KEYS = ["dataset", "model", "method", "metric"]
@@ -291,9 +291,9 @@ def model_comparison(
     lines = [f"## Models: accuracy, recall and F1 beside {metric}", ""]
     for dataset in sorted(set(table["dataset"])):
         rows = []
-        for key, rep in sorted(reports.items()):
-            model, ds = split_group_key(key) or (key, "")
-            if ds != dataset or "accuracy" not in rep:
+        for model in sorted(set(table.loc[table["dataset"] == dataset, "model"])):
+            rep = reports.get(group_key(model, dataset), {})
+            if "accuracy" not in rep:
                 continue
             classes = rep.get("classes", {}).values()
             recall = np.mean([c["recall"] for c in classes]) if classes else 0.0

@@ -11,7 +11,29 @@ Write a baseline from a good run, then check later runs of the same suite agains
 The check prints one line per failure, naming dataset/model/method/metric, the baseline
 and current numbers and the rule, then a summary line. Exit status: 0 when the run is
 within tolerance, 1 when it regressed, 2 for bad input (a missing run folder, an
-unreadable baseline, a baseline of another suite): one ``error: ...`` line.
+unreadable baseline, a baseline of another suite): one ``error: ...`` line on stderr that
+names the file, the offending input and the fix.
+
+The gate fails closed: it passes a run only when it could check it, so every input it
+cannot trust is bad input (exit 2), never a pass and never a traceback:
+
+- a run that did not finish: ``manifest.json`` without ``status``, or with any status other
+  than ``finished`` or ``finished with errors`` (``running``, ``stopped: <why>``, ...);
+  rerunning the same command with the same ``--out`` resumes and finishes it.
+- a non-finite number in the run: a NaN, an infinity or a non-number in the ``value``
+  column of ``rows.parquet`` (the harness never stores one: an image a metric cannot score
+  leaves no row), or in the ``mean``/``ci_low``/``ci_high`` of an ok cell of
+  ``leaderboard.parquet``; the file is damaged.
+- a malformed baseline: a missing field, a field of the wrong type, a non-numeric, NaN or
+  infinite number, an empty or reversed CI, a cell without values or listed twice, an
+  incomplete ordering; ``--write-baseline`` rewrites it from a finished run.
+
+A run that ``finished with errors`` is checked like a finished one: its error cells are
+results the run recorded (a method or metric that now raises), so a baseline cell that is
+an error in the run fails as a regression (exit 1, rule ``cell not ok``, with the error
+message), like any cell that is no longer ``ok``. Error cells the baseline does not cover
+(a cost metric, a new method) are not gated, but the output lists them in a note, so they
+never pass unseen. A baseline is only ever written from a run that is ``finished``.
 
 The baseline (JSON, small, meant to be committed and read in review) holds the suite
 name and config hash, and per quality cell (every metric whose kind is not ``cost``:
@@ -66,6 +88,7 @@ import pandas as pd
 
 from benchmarks.core.errors import UserError
 from benchmarks.core.files import atomic_write
+from benchmarks.engine.store import LEADERBOARD
 from benchmarks.engine.store import read_run as read_stored_run
 from benchmarks.reports.leaderboard import KEYS, bootstrap_ci
 
@@ -79,6 +102,8 @@ EXAMPLES = """examples:
   python -m benchmarks.regress results/ci --baseline benchmarks/baselines/smoke.json
 """
 RUN_FILES = ("manifest.json", "rows.parquet", "cells.parquet")
+FINISHED = ("finished", "finished with errors")  # the manifest statuses of a run that ended
+RERUN = "rerun `python -m benchmarks.run` with a new --out to rewrite it"
 
 Key = tuple[str, str, str, str]  # dataset, model, method, metric (leaderboard.KEYS order)
 
@@ -235,7 +260,8 @@ def compare(
 
 
 def read_run(path: str | Path) -> Run:
-    """The manifest, primary per-sample values and cell statuses of a run folder."""
+    """The manifest, primary per-sample values and cell statuses of a run folder, checked:
+    every stored value is a finite number (``UserError`` naming the first that is not)."""
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"run folder {root} does not exist; give the --out folder of a run")
@@ -245,7 +271,18 @@ def read_run(path: str | Path) -> Run:
             f"run folder {root} has no {', '.join(missing)}; it is not a finished run "
             "(rerun `python -m benchmarks.run` with --out there to complete it)"
         )
-    stored = read_stored_run(root)
+    try:
+        stored = read_stored_run(root)
+    except UserError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(
+            f"run folder {root} cannot be read ({type(exc).__name__}: {_one_line(exc)}); {RERUN}"
+        ) from None
+    manifest = dataclasses.asdict(stored.manifest)
+    # the raw status: the store reads a manifest without one as "running"
+    manifest["status"] = _manifest_field(root / "manifest.json", "status")
+    _check_manifest(root / "manifest.json", manifest)
     if not stored.manifest.suite:
         raise UserError(f"{root / 'manifest.json'} has no resolved 'suite'; rerun the suite")
     try:
@@ -253,6 +290,9 @@ def read_run(path: str | Path) -> Run:
         cells = stored.cells[[*KEYS, "status", "reason"]]
     except KeyError as exc:
         raise UserError(f"run folder {root} cannot be read ({_one_line(exc)})") from None
+    rows = rows.assign(value=_finite_column(rows, "value", root / "rows.parquet"))
+    if stored.leaderboard is not None:
+        _check_leaderboard(stored.leaderboard, root)
     rows = rows[rows["output"] == "value"]
     values = {
         tuple(map(str, key)): pd.Series(
@@ -267,8 +307,97 @@ def read_run(path: str | Path) -> Run:
         )
         for r in cells.itertuples()
     }
-    manifest = dataclasses.asdict(stored.manifest)
     return Run(root=root, manifest=manifest, values=values, cells=statuses)
+
+
+def _manifest_field(path: Path, name: str) -> Any:
+    """A top-level field of ``manifest.json`` as the file has it (None when absent)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path} ({type(exc).__name__}); rerun the suite") from None
+    return data.get(name) if isinstance(data, dict) else None
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """The manifest fields the gate reads have the types the harness writes."""
+    suite = manifest["suite"]
+    problems = [
+        f"'suite.{name}' is {_show(suite[name])}, not a table"
+        for name in ("methods", "metrics")
+        if name in suite and not isinstance(suite[name], dict)
+    ]
+    if "seed" in suite and not _is_int(suite["seed"]):
+        problems.append(f"'suite.seed' is {_show(suite['seed'])}, not an integer")
+    metrics = manifest["metrics"]
+    if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
+        problems.append(f"'metrics' is {_show(metrics)}, not a table of tables")
+    if problems:
+        raise UserError(f"{path}: {problems[0]}; {RERUN}")
+
+
+def _finite_column(table: pd.DataFrame, column: str, path: Path) -> pd.Series:
+    """``table[column]`` as float64, or ``UserError`` naming the first cell (dataset/model/
+    method/metric, and the output and sample where the table has them) whose value is not a
+    finite number."""
+    values = table[column]
+    bad = ~_finite_mask(values)
+    if bad.any():
+        first = table[bad].iloc[0]
+        where = "/".join(str(first[k]) for k in KEYS if k in table.columns) or f"row {bad.argmax()}"
+        more = ", ".join(
+            f"{k} {first[k]!r}" for k in ("status", "output", "sample_id") if k in table.columns
+        )
+        others = f" ({int(bad.sum())} such values in all)" if bad.sum() > 1 else ""
+        raise UserError(
+            f"{path}: cell {where}{f' ({more})' if more else ''} has {column} "
+            f"{_show(first[column])}, not a finite number{others}; the harness never stores "
+            f"one, so the file is damaged: {RERUN}"
+        )
+    return pd.Series(values.to_numpy(dtype=np.float64), index=values.index)
+
+
+def _finite_mask(values: pd.Series) -> np.ndarray:
+    """Which entries are finite real numbers (booleans are not numbers here)."""
+    if pd.api.types.is_bool_dtype(values) or pd.api.types.is_complex_dtype(values):
+        return np.zeros(len(values), dtype=bool)
+    if pd.api.types.is_numeric_dtype(values):
+        return np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
+    return np.array([_is_number(v) for v in values], dtype=bool)
+
+
+def _check_leaderboard(board: pd.DataFrame, root: Path) -> None:
+    """The numbers of every ok cell of the leaderboard are finite (a cell that is not ok has
+    none: its mean is NaN by design)."""
+    name = LEADERBOARD if (root / LEADERBOARD).is_file() else "leaderboard.csv"
+    if not {*KEYS, "status", "mean"} <= set(board.columns):
+        raise UserError(
+            f"{root / name} has no {', '.join(sorted({*KEYS, 'status', 'mean'} - set(board.columns)))} "
+            f"column; {RERUN}"
+        )
+    ok = board[board["status"] == "ok"]
+    for column in ("mean", "ci_low", "ci_high"):
+        if column in ok.columns:
+            _finite_column(ok, column, root / name)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (int or float, not a bool)."""
+    return (
+        isinstance(value, int | float | np.integer | np.floating)
+        and not isinstance(value, bool | np.bool_)
+        and math.isfinite(value)
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _show(value: Any) -> str:
+    """A value as a message shows it: its repr, on one line, at most 60 characters."""
+    text = repr(value) if not isinstance(value, float | np.floating) else str(float(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _key(cell: dict[str, Any]) -> Key:
@@ -280,10 +409,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 CELL_FIELDS = ("dataset", "model", "method", "metric", "higher_is_better", "mean", "ci", "values")
+LABEL_FIELDS = CELL_FIELDS[:4]
+ORDERING_FIELDS = ("dataset", "model", "metric", "better", "worse")
 
 
 def read_baseline(path: str | Path) -> dict[str, Any]:
-    """A baseline file, checked to be one."""
+    """A baseline file, checked to be one: every field the check reads is there, of its type,
+    and every number is finite (``UserError`` naming the first that is not)."""
     path = Path(path)
     fix = "write one with `python -m benchmarks.regress RUN --write-baseline FILE`"
     try:
@@ -294,21 +426,82 @@ def read_baseline(path: str | Path) -> dict[str, Any]:
         raise UserError(f"baseline {path} cannot be read ({_one_line(exc)})") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"baseline {path} is not valid JSON ({exc}); {fix}") from None
+    except RecursionError:
+        raise UserError(f"baseline {path} is nested too deeply to be a baseline; {fix}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path} is not a regression baseline (format {FORMAT!r}); {fix}")
-    cells = data.get("cells")
-    if not isinstance(cells, list) or not all(
-        isinstance(c, dict)
-        and all(k in c for k in CELL_FIELDS)
-        and isinstance(c["values"], dict)
-        and isinstance(c["ci"], list)
-        and len(c["ci"]) == 2
-        for c in cells
-    ):
-        raise UserError(f"baseline {path}: 'cells' must list cells with {', '.join(CELL_FIELDS)}")
-    if not isinstance(data.get("orderings", []), list) or not isinstance(data.get("suite"), str):
-        raise UserError(f"baseline {path}: needs 'suite' (a name) and 'orderings' (a list)")
+    problem = _baseline_problem(data)
+    if problem:
+        raise UserError(
+            f"baseline {path}: {problem}; rewrite it with `python -m benchmarks.regress RUN "
+            f"--write-baseline {path}` from a finished run"
+        )
     return data
+
+
+def _baseline_problem(data: dict[str, Any]) -> str | None:
+    """The first field of a baseline that the check cannot trust, described; None if none."""
+    if not isinstance(data.get("suite"), str):
+        return f"'suite' is {_show(data.get('suite'))}, not a suite name"
+    if "seed" in data and not _is_int(data["seed"]):
+        return f"'seed' is {_show(data['seed'])}, not an integer"
+    cells = data.get("cells")
+    if not isinstance(cells, list) or not cells:
+        return f"'cells' is {_show(cells)}, not a list of cells"
+    seen: set[Key] = set()
+    for i, cell in enumerate(cells):
+        problem = _cell_problem(cell)
+        where = f"cells[{i}]"
+        if isinstance(cell, dict) and all(isinstance(cell.get(k), str) for k in LABEL_FIELDS):
+            key = _key(cell)
+            where += f" ({_name(key)})"
+            if problem is None and key in seen:
+                problem = "repeats a cell listed before it"
+            seen.add(key)
+        if problem:
+            return f"{where} {problem}"
+    orderings = data.get("orderings", [])
+    if not isinstance(orderings, list):
+        return f"'orderings' is {_show(orderings)}, not a list"
+    for i, order in enumerate(orderings):
+        if not isinstance(order, dict):
+            return f"orderings[{i}] is {_show(order)}, not an object"
+        for name in ORDERING_FIELDS:
+            if not isinstance(order.get(name), str):
+                what = "has no" if name not in order else f"has {_show(order[name])} as"
+                return f"orderings[{i}] {what} {name!r}, not a label"
+    return None
+
+
+def _cell_problem(cell: Any) -> str | None:
+    """What is wrong with one baseline cell; None if nothing."""
+    if not isinstance(cell, dict):
+        return f"is {_show(cell)}, not an object"
+    for name in CELL_FIELDS:
+        if name not in cell:
+            return f"has no {name!r} (a cell needs {', '.join(CELL_FIELDS)})"
+    for name in LABEL_FIELDS:
+        if not isinstance(cell[name], str):
+            return f"{name!r} is {_show(cell[name])}, not a label"
+    if not isinstance(cell["higher_is_better"], bool):
+        return f"'higher_is_better' is {_show(cell['higher_is_better'])}, not true or false"
+    if not _is_number(cell["mean"]):
+        return f"'mean' is {_show(cell['mean'])}, not a finite number"
+    ci = cell["ci"]
+    if not isinstance(ci, list) or len(ci) != 2:
+        return f"'ci' is {_show(ci)}, not a list [low, high]"
+    for i, bound in enumerate(ci):
+        if not _is_number(bound):
+            return f"'ci'[{i}] is {_show(bound)}, not a finite number"
+    if ci[0] > ci[1]:
+        return f"'ci' {_show(ci)} is reversed (low > high)"
+    values = cell["values"]
+    if not isinstance(values, dict) or not values:
+        return f"'values' is {_show(values)}, not an object of per-sample values"
+    for sample, value in values.items():
+        if not _is_number(value):
+            return f"'values'[{sample!r}] is {_show(value)}, not a finite number"
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,9 +665,18 @@ def write_baseline(run_dir: str | Path, path: str | Path) -> dict[str, Any]:
 
 
 def check(run: Run, baseline: dict[str, Any], *, min_effect: float = DEFAULT_MIN_EFFECT) -> Report:
-    """Every rule of the module docstring, for a run against a baseline."""
-    if min_effect < 0:
-        raise UserError(f"--min-effect must be >= 0, got {min_effect}")
+    """Every rule of the module docstring, for a run against a baseline (as ``read_run`` and
+    ``read_baseline`` give them: their numbers are checked to be finite there)."""
+    if not (math.isfinite(min_effect) and min_effect >= 0):
+        raise UserError(f"--min-effect must be a finite number >= 0, got {min_effect}")
+    status = run.manifest.get("status")
+    if status not in FINISHED:
+        found = "has no 'status'" if status is None else f"has status {_show(status)}"
+        raise UserError(
+            f"{run.root / 'manifest.json'} {found}, not 'finished' or 'finished with errors': "
+            "the run is unfinished, so its cells cannot be gated; rerun the suite (the same "
+            "command and --out) to finish it"
+        )
     name = run.suite.get("name")
     if baseline["suite"] != name:
         raise UserError(
@@ -550,6 +752,14 @@ def check(run: Run, baseline: dict[str, Any], *, min_effect: float = DEFAULT_MIN
             f"{len(ungated)} ok cell(s) of the run are not in the baseline (cost metrics or new "
             "cells): not gated"
         )
+    failed = sorted(
+        k for k, (state, _) in run.cells.items() if state == "error" and k not in base_cells
+    )
+    if failed:
+        report.notes.append(
+            f"{len(failed)} error cell(s) of the run are not in the baseline "
+            f"({', '.join(map(_name, failed))}): not gated; see the run's cells.parquet"
+        )
     if report.improved:
         report.notes.append(
             f"{len(report.improved)} cell(s) improved beyond tolerance ({', '.join(report.improved)}); "
@@ -614,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         run = read_run(args.run)
         report = check(run, baseline, min_effect=args.min_effect)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 2
     print(format_report(report, baseline_path=args.baseline, suite=baseline["suite"]))
     return 0 if report.passed else 1
