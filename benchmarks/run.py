@@ -343,7 +343,9 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
     suite, keys = plan.suite, [g.key for g in plan.groups]
     rows, cells, curves = (store.read(name, keys) for name in ("rows", "cells", "curves"))
     directions = {k: meta["higher_is_better"] for k, meta in manifest.metrics.items()}
-    table = aggregate(rows, cells, directions, seed=suite.seed)
+    families = {k: meta["kind"] for k, meta in manifest.metrics.items()}
+    randoms = {k for k, meta in manifest.methods.items() if meta.get("use") == "random"}
+    table = aggregate(rows, cells, directions, seed=suite.seed, families=families, randoms=randoms)
     reports = store.reports(keys)
     for name, frame in (("rows", rows), ("cells", cells), ("curves", curves)):
         store.write(f"{name}.parquet", frame)

@@ -23,6 +23,11 @@ others are still written. File names, with M the model and D the dataset label:
                                    kind robustness or adversarial
     cam-equivalence--M--D          ReLU(CAM) against Grad-CAM pixel values on a GAP model,
                                    with Pearson's r (``examples.npz``)
+    cd--METRIC                     critical-difference diagram (Demsar 2006): the methods'
+                                   mean ranks, methods the Friedman + Nemenyi post-hoc test
+                                   cannot tell apart joined by a bar (scikit-posthocs). The
+                                   blocks are the (model, dataset) groups when the run has
+                                   at least 3, else the images of its groups
 
 Bands around mean curves are 95% normal-approximation intervals (mean +- 1.96 SE over
 images); bars and error bars are the leaderboard's 95% bootstrap intervals.
@@ -606,6 +611,55 @@ def fig_cam_equivalence(run: RunFolder, model: str, dataset: str):
 # Orchestration
 
 
+def cd_blocks(rows: pd.DataFrame, metric: str, higher_is_better: bool):
+    """Blocks x methods of one metric's values, signed so higher is better, and what the
+    blocks are: the (model, dataset) groups' means when there are at least 3 groups, else
+    the images; only methods every block has."""
+    sub = rows[(rows["metric"] == metric) & (rows["output"] == "value")]
+    sign = 1.0 if higher_is_better else -1.0
+    groups = sub[["model", "dataset"]].drop_duplicates()
+    if len(groups) >= 3:
+        wide = sub.pivot_table(index=["model", "dataset"], columns="method", values="value")
+        what = f"{len(groups)} model x dataset groups"
+    else:
+        wide = sub.pivot_table(
+            index=["model", "dataset", "sample_id"],
+            columns="method",
+            values="value",
+            aggfunc="first",
+        )
+        what = "images"
+    wide = (sign * wide).dropna(axis=0, how="any")
+    return wide, f"{len(wide)} {what}" if what == "images" else what
+
+
+def fig_cd(run: RunFolder, metric: str):
+    """Critical-difference diagram of one metric across the run's blocks (``cd_blocks``)."""
+    import scikit_posthocs as sp
+    from scipy import stats as sps
+
+    info = run.metric_info(metric)
+    wide, what = cd_blocks(run.rows, metric, bool(info.get("higher_is_better", True)))
+    if wide.shape[1] < 3 or len(wide) < 6:
+        raise Skip(
+            f"critical-difference diagram of {metric}: needs 3 or more methods on 6 or more "
+            f"blocks that all scored ({wide.shape[1]} methods on {len(wide)})"
+        )
+    friedman = sps.friedmanchisquare(*[wide[c].to_numpy() for c in wide.columns])
+    ranks = wide.rank(axis=1, ascending=False).mean()
+    sig = sp.posthoc_nemenyi_friedman(wide.to_numpy())
+    sig.index = sig.columns = list(wide.columns)
+    fig = _figure(7.0, 0.35 * len(ranks) + 1.6)
+    ax = fig.subplots()
+    sp.critical_difference_diagram(ranks, sig, ax=ax)
+    ax.set_title(
+        f"{metric}{_arrow(info.get('higher_is_better'))}: mean rank over {what} "
+        f"(Friedman p = {friedman.pvalue:.2g}; bars: Nemenyi p >= 0.05)",
+        fontsize=9,
+    )
+    return fig
+
+
 def _jobs(run: RunFolder) -> Iterator[tuple[str, Callable[[], Any]]]:
     """(file stem, draw) for every figure the run's inputs allow; notes for the others."""
     groups = run.groups()
@@ -677,6 +731,16 @@ def _jobs(run: RunFolder) -> Iterator[tuple[str, Callable[[], Any]]]:
             f"cam-equivalence--{slug(m)}--{slug(d)}",
             lambda m=m, d=d: fig_cam_equivalence(run, m, d),
         )
+
+    if run.rows is not None:
+        primary = [
+            lab
+            for lab in run.order("metrics", metric_labels)
+            if run.metric_info(lab).get("kind") not in ("cost", None)
+            and lab in set(run.rows["metric"])
+        ]
+        for metric in primary:
+            yield f"cd--{slug(metric)}", lambda k=metric: fig_cd(run, k)
 
 
 def check_formats(formats: Iterable[str]) -> tuple[str, ...]:

@@ -24,10 +24,38 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.engine.store import CSV_NAME, HOST_CSV_NAME, group_key
+from benchmarks.reports.stats import (
+    ALPHA,
+    COMPARISON_COLUMNS,
+    MIN_PAIRS,
+    compare_methods,
+    detectable_effect,
+)
 
 BOOTSTRAP_SAMPLES = 1000
 KEYS = ["dataset", "model", "method", "metric"]
-COLUMNS = [*KEYS, "higher_is_better", "mean", "ci_low", "ci_high", "n", "rank", "status", "reason"]
+COLUMNS = [
+    *KEYS,
+    "higher_is_better",
+    "mean",
+    "ci_low",
+    "ci_high",
+    "n",
+    "rank",
+    "status",
+    "reason",
+    *[c for c in COMPARISON_COLUMNS if c != "rank"],
+]
+FAMILIES = (  # the leaderboard's tables, in this order; cost has a table of its own
+    "faithfulness",
+    "localization",
+    "robustness",
+    "sanity",
+    "adversarial",
+    "complexity",
+    "other",
+)
+UNITS = {"time": "s per image", "memory": "MiB per batch"}  # of the cost metrics, by use
 
 
 def bootstrap_ci(
@@ -46,9 +74,19 @@ def bootstrap_ci(
 
 
 def aggregate(
-    rows: pd.DataFrame, cells: pd.DataFrame, directions: dict[str, bool], *, seed: int = 0
+    rows: pd.DataFrame,
+    cells: pd.DataFrame,
+    directions: dict[str, bool],
+    *,
+    seed: int = 0,
+    families: dict[str, str] | None = None,
+    randoms: Iterable[str] = ("random",),
 ) -> pd.DataFrame:
-    """One row per cell: mean, CI, n, rank (ok cells), or status and reason (the others)."""
+    """One row per cell: mean, CI, n, rank and the paired comparisons against ``random``
+    and the best method (``benchmarks.reports.stats.compare_methods``) for ok cells, or
+    status and reason for the others. ``families``: metric label -> kind (faithfulness,
+    localization, ..., cost); p-values are Holm-adjusted within a (dataset, model,
+    family)."""
     primary = rows[rows["output"] == "value"]
     records = []
     for key, grp in primary.groupby(KEYS, sort=True):
@@ -78,12 +116,14 @@ def aggregate(
     table = table.drop(columns="note")
     table = pd.concat([table, others], ignore_index=True) if len(others) else table
     table["higher_is_better"] = table["metric"].map(directions).astype(bool)
-    table["rank"] = 0
-    ok = table["status"] == "ok"
-    for _, idx in table[ok].groupby(["dataset", "model", "metric"]).groups.items():
-        sub = table.loc[idx]
-        signed = -sub["mean"] if bool(sub["higher_is_better"].iloc[0]) else sub["mean"]
-        table.loc[idx, "rank"] = signed.rank(method="min").astype(int)
+    compared = compare_methods(primary, directions, families or {}, set(randoms), seed=seed)
+    table = table.merge(compared, on=KEYS, how="left")
+    table["family"] = table["metric"].map(lambda m: (families or {}).get(m, "other"))
+    for col in ("rank", "n_random", "n_best"):
+        table[col] = table[col].fillna(0).astype(int)
+    table["best_group"] = table["best_group"].fillna(False).astype(bool)
+    for col in ("vs_random", "test_random", "best"):
+        table[col] = table[col].fillna("")
     table["n"] = table["n"].fillna(0).astype(int)
     return table[COLUMNS].sort_values(KEYS, kind="stable").reset_index(drop=True)
 
@@ -113,34 +153,35 @@ def host_note(host_metrics: Iterable[str]) -> str | None:
     )
 
 
-def mean_ranks(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean rank of each method over the metrics of each (dataset, model), and overall."""
-    ok = table[table["status"] == "ok"]
-    per_group = (
-        ok.groupby(["dataset", "model", "method"], sort=True)["rank"]
-        .mean()
-        .rename("mean_rank")
-        .reset_index()
-    )
-    overall = ok.groupby("method", sort=True)["rank"].mean().rename("mean_rank").reset_index()
-    overall.insert(0, "model", "all")
-    overall.insert(0, "dataset", "all")
-    return pd.concat([per_group, overall], ignore_index=True)
-
-
 def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+NUMBERS = [
+    "mean",
+    "ci_low",
+    "ci_high",
+    "p_random",
+    "p_random_adj",
+    "effect_random",
+    "effect_random_low",
+    "effect_random_high",
+    "p_best_adj",
+]
+
+
 def to_csv(table: pd.DataFrame) -> str:
+    """The table as CSV, numbers at full precision (``repr``), empty where a cell has
+    none (not ok, or no test)."""
     out = table.copy()
-    for col in ("mean", "ci_low", "ci_high"):
+    ok = out["status"] == "ok"
+    for col in NUMBERS:
         out[col] = [
-            (_fmt(v) if s == "ok" else "") for v, s in zip(out[col], out["status"], strict=True)
+            repr(float(v)) if k and v is not None and np.isfinite(v) else ""
+            for v, k in zip(out[col], ok, strict=True)
         ]
-    out["rank"] = [
-        (str(r) if s == "ok" else "") for r, s in zip(out["rank"], out["status"], strict=True)
-    ]
+    for col in ("rank", "n_random", "n_best"):
+        out[col] = [str(r) if k else "" for r, k in zip(out[col], ok, strict=True)]
     return out.to_csv(index=False, lineterminator="\n")
 
 
@@ -151,7 +192,7 @@ class Block:
     dataset: str
     model: str
     metrics: list[tuple[str, bool]]  # (metric, higher_is_better)
-    rows: list[tuple[str, list[dict[str, Any]], str]]  # method, cells, mean rank
+    rows: list[tuple[str, list[dict[str, Any]]]]  # method, cells
     report: str  # the model's classification report in one line ("" if none)
 
 
@@ -161,7 +202,6 @@ def blocks(
     """The per-(dataset, model) tables; ``footnotes`` collects the reasons of cells that are
     not ok (text -> number). Each cell is {"ok": bool, "mean", "ci_low", "ci_high", "n",
     "rank"} or {"ok": False, "status", "note"}."""
-    ranks = mean_ranks(table)
     out = []
     for (dataset, model), grp in table.groupby(["dataset", "model"], sort=True):
         metrics = [
@@ -182,6 +222,8 @@ def blocks(
                         {
                             "ok": True,
                             **{k: r[k] for k in ("mean", "ci_low", "ci_high", "n", "rank")},
+                            "best": bool(r["best_group"]),
+                            "mark": MARKS.get(r["vs_random"], ""),
                         }
                     )
                 else:
@@ -189,12 +231,7 @@ def blocks(
                     cells.append(
                         {"ok": False, "status": r["status"].replace("_", " "), "note": note}
                     )
-            mr = ranks[
-                (ranks["dataset"] == dataset)
-                & (ranks["model"] == model)
-                & (ranks["method"] == method)
-            ]
-            rows.append((method, cells, f"{mr['mean_rank'].iloc[0]:.2f}" if len(mr) else ""))
+            rows.append((method, cells))
         key = group_key(model, dataset)
         report = ""
         if reports and key in reports and "accuracy" in reports[key]:
@@ -218,8 +255,20 @@ def blocks(
 
 
 CELL_LEGEND = (
-    "Cells: mean [95% bootstrap CI] over images, n images, #rank among methods (1 = best)."
+    "Cells: mean over the images (n), and against random: ▲ better, ≈ not distinguishable, "
+    "▼ worse (paired test on the images both scored, Holm-adjusted p < 0.05 within the "
+    "table), · too few images for a test (fewer than 6), ref the random baseline itself. "
+    "Bold: the best method and every method not distinguishable from it. Mean rank: "
+    "within the table's family only (1 = best; means equal within float tolerance tie)."
 )
+MARKS = {
+    "better": "▲",
+    "worse": "▼",
+    "not distinguishable": "≈",
+    "too few images": "·",
+    "reference": "ref",
+    "": "",
+}
 
 
 def to_markdown(
@@ -230,38 +279,32 @@ def to_markdown(
     notes: list[str] = (),
     compare_metric: str | None = None,
 ) -> str:
-    """Per (dataset, model): methods x metrics with mean [95% CI], n and rank; then mean rank;
-    then, with ``compare_metric``, the models' accuracy, recall and F1 beside that metric."""
+    """Per (dataset, model): the model's report (flagged when it is no better than the
+    majority class), one table per metric family with the marks against random, the best
+    group in bold and the family's mean rank, the power of its tests, and the cost table;
+    then the findings, written from the statistics; then, with ``compare_metric``, the
+    models' accuracy, recall and F1 beside that metric."""
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes]
     if notes:
         lines.append("")
     footnotes: dict[str, int] = {}
-    for block in blocks(table, reports, footnotes):
-        lines += [f"## {block.dataset} / {block.model}", ""]
-        lines.append(
-            "| method | "
-            + " | ".join(f"{m} {'↑' if up else '↓'}" for m, up in block.metrics)
-            + " | mean rank |"
-        )
-        lines.append("|---" * (len(block.metrics) + 2) + "|")
-        for method, cells, mean_rank in block.rows:
-            text = [
-                f"{_fmt(c['mean'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] n={c['n']} #{c['rank']}"
-                if c["ok"]
-                else (f"{c['status']} [{c['note']}]" if c["status"] else "")
-                for c in cells
-            ]
-            lines.append(f"| {method} | " + " | ".join([*text, mean_rank]) + " |")
-        if block.report:
-            lines += ["", block.report]
-        lines.append("")
-    overall = mean_ranks(table)
-    overall = overall[overall["dataset"] == "all"].sort_values("mean_rank", kind="stable")
-    if len(overall):
-        lines += ["## Overall mean rank", "", "| method | mean rank |", "|---|---|"]
-        lines += [f"| {r.method} | {r.mean_rank:.2f} |" for r in overall.itertuples()]
-        lines.append("")
+    findings: list[str] = []
+    for (dataset, model), grp in table.groupby(["dataset", "model"], sort=True):
+        lines += [f"## {dataset} / {model}", ""]
+        report = (reports or {}).get(group_key(model, dataset))
+        flag = model_flag(report)
+        lines += [*model_lines(report, flag), ""]
+        present = list(dict.fromkeys(grp["family"]))
+        for family in [f for f in FAMILIES if f in present] + [
+            f for f in present if f not in FAMILIES and f != "cost"
+        ]:
+            lines += family_table(grp[grp["family"] == family], family, footnotes)
+        if (grp["family"] == "cost").any():
+            lines += family_table(grp[grp["family"] == "cost"], "cost", footnotes)
+        findings += group_findings(grp, dataset, model, flag)
+    if findings:
+        lines += ["## Findings", "", *findings, ""]
     if compare_metric:
         lines += model_comparison(table, reports, compare_metric)
     if footnotes:
@@ -270,6 +313,161 @@ def to_markdown(
         lines.append("")
     lines.append(CELL_LEGEND)
     return "\n".join(lines) + "\n"
+
+
+def family_table(fam: pd.DataFrame, family: str, footnotes: dict[str, int]) -> list[str]:
+    """One metric family of one (dataset, model): methods x metrics, a mean-rank column
+    (not for cost), the power line (the units for cost)."""
+    metrics = [
+        (m, bool(g["higher_is_better"].iloc[0])) for m, g in fam.groupby("metric", sort=False)
+    ]
+    cost = family == "cost"
+    header = "| method | " + " | ".join(f"{m} {'↑' if up else '↓'}" for m, up in metrics)
+    lines = [f"### {family}", "", header + (" |" if cost else " | mean rank |")]
+    lines.append("|---" * (len(metrics) + (1 if cost else 2)) + "|")
+    for method, mg in fam.groupby("method", sort=False):
+        cells = []
+        for m, _ in metrics:
+            row = mg[mg["metric"] == m]
+            cells.append(_cell(row.iloc[0], footnotes, cost) if len(row) else "")
+        ok = mg[mg["status"] == "ok"]
+        rank = "" if cost or not len(ok) else f"{ok['rank'].mean():.2f}"
+        lines.append(f"| {method} | " + " | ".join(cells if cost else [*cells, rank]) + " |")
+    lines.append("")
+    if cost:
+        units = [f"{m}: {UNITS[m]}" for m, _ in metrics if m in UNITS]
+        lines += [f"Units: {'; '.join(units)}." if units else "Cost: lower is better.", ""]
+    else:
+        lines += [power_line(fam), ""]
+    return lines
+
+
+def _cell(r, footnotes: dict[str, int], cost: bool) -> str:
+    if r["status"] != "ok":
+        note = footnotes.setdefault(f"{r['status']}: {r['reason']}", len(footnotes) + 1)
+        return f"{r['status'].replace('_', ' ')} [{note}]"
+    mean = _fmt(r["mean"])
+    if not cost and r["best_group"]:
+        mean = f"**{mean}**"
+    mark = "" if cost else MARKS.get(r["vs_random"], "")
+    return f"{mean} (n={r['n']}){' ' + mark if mark else ''}"
+
+
+def power_line(fam: pd.DataFrame) -> str:
+    """What the table's tests could detect: the smallest paired effect at its n."""
+    tested = fam[(fam["status"] == "ok") & (fam["n_random"] > 0)]
+    if not len(tested):
+        return "No paired test against random: the table has no random baseline or no pairs."
+    lo, hi = int(tested["n_random"].min()), int(tested["n_random"].max())
+    span = f"n = {lo}" if lo == hi else f"n = {lo} to {hi}"
+    effect = detectable_effect(lo)
+    if effect is None:
+        return (
+            f"Power: {span} images per comparison; below {MIN_PAIRS} no test can decide "
+            f"(p < {ALPHA} is out of reach), so '·' cells say nothing either way."
+        )
+    return (
+        f"Power: {span} images per comparison; with {lo} pairs a paired effect of "
+        f"d_z = {effect:.2f} (mean difference / SD of the differences) is detected with 80% "
+        f"power at alpha = {ALPHA} before Holm's adjustment: '≈' means no effect that "
+        "large was seen, not that the methods are equal."
+    )
+
+
+def model_flag(report: dict | None) -> str:
+    """Why the model's results are no evidence about the methods ("" when they are): test
+    accuracy not above the majority-class rate, or a class it never recalls."""
+    if not report or "accuracy" not in report:
+        return ""
+    classes = {k: v for k, v in report.get("classes", {}).items() if v.get("support", 0) > 0}
+    total = sum(v["support"] for v in classes.values())
+    if not total:
+        return ""
+    majority = max(v["support"] for v in classes.values()) / total
+    why = []
+    if report["accuracy"] <= majority + 1e-12:
+        why.append(
+            f"test accuracy {report['accuracy']:.3f} is not above the majority-class rate "
+            f"{majority:.3f}"
+        )
+    never = [k for k, v in classes.items() if v.get("recall", 0.0) == 0.0]
+    if never:
+        why.append(f"recall is 0 on class {', '.join(never)}")
+    return "; ".join(why)
+
+
+def model_lines(report: dict | None, flag: str) -> list[str]:
+    if not report or "accuracy" not in report:
+        return []
+    per_class = ", ".join(
+        f"{c}: P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f}"
+        for c, v in report.get("classes", {}).items()
+    )
+    val = _validation(report)
+    val_text = f", validation accuracy {val['accuracy']:.3f} (n={val.get('n', '?')})" if val else ""
+    lines = [
+        f"Model: test accuracy {report['accuracy']:.3f} (n={report.get('n', '?')}){val_text}; "
+        f"{per_class}."
+    ]
+    if flag:
+        lines.append(
+            f"**Warning: {flag}. This model has not learned the task, so its results are no "
+            "evidence about the explanation methods.**"
+        )
+    return lines
+
+
+def group_findings(grp: pd.DataFrame, dataset: str, model: str, flag: str) -> list[str]:
+    """Sentences from the statistics of one (dataset, model): per quality metric, which
+    methods beat random, which cannot be told from it, and the best group."""
+    ok = grp[(grp["status"] == "ok") & (grp["family"] != "cost")]
+    if not len(ok):
+        return []
+    out = [f"### {dataset} / {model}", ""]
+    if flag:
+        out.append(f"- Not evidence about the methods: {flag}.")
+    for metric, g in ok.groupby("metric", sort=False):
+        parts = []
+        better, same, worse = (
+            g[g["vs_random"] == v] for v in ("better", "not distinguishable", "worse")
+        )
+        if len(better):
+            parts.append(
+                f"{_names(better)} {'is' if len(better) == 1 else 'are'} better than random "
+                f"(adjusted p {_bound('≤', better['p_random_adj'].max())})"
+            )
+        if len(same):
+            parts.append(
+                f"{_names(same)} {'is' if len(same) == 1 else 'are'} not distinguishable "
+                f"from random (adjusted p {_bound('≥', same['p_random_adj'].min())})"
+            )
+        if len(worse):
+            parts.append(
+                f"{_names(worse)} {'is' if len(worse) == 1 else 'are'} worse than random "
+                f"(adjusted p {_bound('≤', worse['p_random_adj'].max())})"
+            )
+        few = g[g["vs_random"] == "too few images"]
+        if len(few):
+            parts.append(f"{_names(few)}: too few images for a test")
+        best = g[g["best_group"]]
+        if len(best) and len(g) > 1:
+            parts.append(f"best group: {_names(best)}")
+        n = (
+            f"n = {g['n'].min()}"
+            if g["n"].min() == g["n"].max()
+            else f"n = {g['n'].min()}-{g['n'].max()}"
+        )
+        out.append(f"- {metric} ({n}): " + "; ".join(parts) + ".")
+    out.append("")
+    return out
+
+
+def _names(frame: pd.DataFrame) -> str:
+    return ", ".join(frame["method"])
+
+
+def _bound(op: str, p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{op} {p:.2g}"
 
 
 def _validation(report: dict) -> dict | None:
@@ -295,7 +493,8 @@ def model_comparison(
             rep = reports.get(group_key(model, dataset), {})
             if "accuracy" not in rep:
                 continue
-            classes = rep.get("classes", {}).values()
+            # macro averages over the classes the test split has (support > 0)
+            classes = [c for c in rep.get("classes", {}).values() if c.get("support", 1) > 0]
             recall = np.mean([c["recall"] for c in classes]) if classes else 0.0
             f1 = np.mean([c["f1"] for c in classes]) if classes else 0.0
             cells = []
@@ -343,6 +542,15 @@ _TEX = str.maketrans(
 )
 
 
+TEX_LEGEND = (
+    "Mean over the images (n); superscripts against random: + better, = not distinguishable "
+    "(shown as approx), - worse (paired test, Holm-adjusted p < 0.05), ? too few images for "
+    "a test, r the random baseline. Bold: the best method and every method not "
+    "distinguishable from it."
+)
+TEX_MARKS = {"▲": "$^{+}$", "▼": "$^{-}$", "≈": "$^{\\approx}$", "·": "$^{?}$", "ref": "$^{r}$"}
+
+
 def tex_escape(text: str) -> str:
     return str(text).translate(_TEX)
 
@@ -354,8 +562,9 @@ def to_latex(
     reports: dict[str, dict] | None = None,
     notes: list[str] = (),
 ) -> str:
-    """The leaderboard as LaTeX (booktabs): one table per (dataset, model), the best mean of
-    each metric in bold, not-applicable cells with a numbered note; then the mean ranks."""
+    """The leaderboard as LaTeX (booktabs): one table per (dataset, model), the of each metric in bold (the best method and those not distinguishable from
+    it), the mark against random beside each mean, not-applicable cells with a numbered
+    note."""
     lines = [f"% {tex_escape(title)}", "% requires \\usepackage{booktabs}"]
     lines += [f"% {tex_escape(n)}" for n in notes]
     footnotes: dict[str, int] = {}
@@ -364,30 +573,30 @@ def to_latex(
             "\\begin{table}[ht]",
             "\\centering\\small",
             f"\\caption{{{tex_escape(block.dataset)} / {tex_escape(block.model)}. "
-            + tex_escape(CELL_LEGEND.removeprefix("Cells: ").replace("#rank", "rank"))
+            + tex_escape(TEX_LEGEND)
             + (f" {tex_escape(block.report)}" if block.report else "")
             + "}",
-            "\\begin{tabular}{l" + "r" * (len(block.metrics) + 1) + "}",
+            "\\begin{tabular}{l" + "r" * len(block.metrics) + "}",
             "\\toprule",
             "method & "
             + " & ".join(
                 f"{tex_escape(m)} $\\{'uparrow' if up else 'downarrow'}$" for m, up in block.metrics
             )
-            + " & mean rank \\\\",
+            + " \\\\",
             "\\midrule",
         ]
-        for method, cells, mean_rank in block.rows:
+        for method, cells in block.rows:
             text = []
             for c in cells:
                 if c["ok"]:
                     mean = _fmt(c["mean"])
-                    mean = f"\\textbf{{{mean}}}" if c["rank"] == 1 else mean
-                    text.append(f"{mean} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]")
+                    mean = f"\\textbf{{{mean}}}" if c["best"] else mean
+                    text.append(f"{mean} ({c['n']}){TEX_MARKS.get(c['mark'], '')}")
                 else:
                     text.append(
                         f"{tex_escape(c['status'])}$^{{{c['note']}}}$" if c["status"] else ""
                     )
-            lines.append(f"{tex_escape(method)} & " + " & ".join([*text, mean_rank]) + " \\\\")
+            lines.append(f"{tex_escape(method)} & " + " & ".join(text) + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
     if footnotes:
         lines += ["% notes:"] + [f"% [{i}] {tex_escape(t)}" for t, i in footnotes.items()]

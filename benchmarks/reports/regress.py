@@ -44,15 +44,17 @@ orderings against the random baseline.
 Rules, per baseline cell (dataset, model, method, metric):
 
 - missing from the run, or its status is not ``ok`` -> failure.
-- same sample ids as the baseline -> paired test. Per sample, the drop is baseline -
-  current in the metric's good direction. The cell regressed when the 95% CI of the mean
-  drop (percentile bootstrap, seeded by the cell, so deterministic) lies entirely above 0
-  AND the mean drop exceeds ``--min-effect`` (default 0.25) times the half-width of the
-  baseline's CI: a consistent but negligible change (a float rounding, a library
-  update) passes. Drops below 1e-9 x max(1, |baseline mean|) never count, so a cell whose
-  baseline CI has zero width is not failed by float noise either.
-- other sample ids (a changed ``max_images``, a sample the metric now excludes) ->
-  unpaired test: regressed when the drop of the means exceeds
+- same sample ids as the baseline (at least 6) -> the leaderboard's paired test
+  (``benchmarks.reports.stats.paired_test``: Wilcoxon signed-rank, or a sign-flip
+  permutation test where the drops tie; differences within float tolerance are 0). Per
+  sample, the drop is baseline - current in the metric's good direction. The cell
+  regressed when the test says the samples changed (two-sided p < 0.05) AND the mean
+  drop exceeds ``--min-effect`` (default 0.25) times the half-width of the baseline's
+  CI: a consistent but negligible change (a float rounding, a library update) passes.
+  Drops below 1e-9 x max(1, |baseline mean|) never count, so a cell whose baseline CI
+  has zero width is not failed by float noise either.
+- other sample ids (a changed ``max_images``, a sample the metric now excludes), or
+  fewer than 6 -> unpaired test: regressed when the drop of the means exceeds
   sqrt(hw_b^2 + hw_c^2) (= 1.96 sqrt(se_b^2 + se_c^2), se = CI half-width / 1.96), and the
   min-effect floor above.
 
@@ -61,7 +63,7 @@ tolerance is not a failure; the summary counts such cells so the baseline can be
 
 Orderings: in each (dataset, model, metric) with a random baseline method (labelled
 ``random`` or using the registry's ``random``), every method that clearly beat it in the
-baseline run (the paired 95% CI of its advantage lies entirely above 0) must not fall
+baseline run (the same paired test: p < 0.05 and a positive mean advantage) must not fall
 below random's mean in the run; a flip is a failure. Methods that only tied random in the
 baseline are not held to an ordering: a flip among near-ties is noise, not a regression.
 The orderings are listed in the baseline file, so a reviewer sees (and may delete) them.
@@ -91,6 +93,7 @@ from benchmarks.core.files import atomic_write
 from benchmarks.engine.store import LEADERBOARD
 from benchmarks.engine.store import read_run as read_stored_run
 from benchmarks.reports.leaderboard import KEYS, bootstrap_ci
+from benchmarks.reports.stats import ALPHA, MIN_PAIRS, paired_test
 
 FORMAT = "cambench-regression-baseline/1"
 UNGATED_KINDS = ("cost",)
@@ -127,7 +130,8 @@ class Verdict:
     """The comparison of one cell's current values with its baseline values.
 
     drop: mean loss in the good direction (baseline - current if higher is better);
-    ci: the 95% CI of the mean per-sample drop (paired) or None (unpaired);
+    ci: the 95% CI of the median per-sample drop (paired) or None (unpaired);
+    p: the paired test's two-sided p (``benchmarks.reports.stats.paired_test``; paired);
     tolerance: the drop the cell may lose before it counts.
     """
 
@@ -139,13 +143,15 @@ class Verdict:
     tolerance: float
     regressed: bool
     improved: bool
+    p: float | None = None
+    test: str = ""
 
     def describe(self) -> str:
         if self.paired:
             lo, hi = self.ci
             return (
-                f"paired mean drop {_f(self.drop)}, 95% CI [{_f(lo)}, {_f(hi)}], "
-                f"tolerance {_f(self.tolerance)}"
+                f"paired mean drop {_f(self.drop)} ({self.test} p = {self.p:.2g}; median "
+                f"drop 95% CI [{_f(lo)}, {_f(hi)}]), tolerance {_f(self.tolerance)}"
             )
         return f"drop of the means {_f(self.drop)} > tolerance {_f(self.tolerance)}"
 
@@ -203,7 +209,7 @@ def compare(
 ) -> Verdict:
     """Compare per-sample values (indexed by sample id) of one cell with its baseline.
 
-    >>> b = pd.Series([1.0, 2.0, 3.0, 4.0], index=["a", "b", "c", "d"])
+    >>> b = pd.Series([1.0, 2.0, 3.0, 4.0, 1.5, 2.5, 3.5, 4.5], index=list("abcdefgh"))
     >>> compare(b, b, higher_is_better=True, baseline_ci=(1.5, 3.5), seed=0).regressed
     False
     >>> compare(b, b - 0.1, higher_is_better=True, baseline_ci=(1.5, 3.5), seed=0).regressed
@@ -225,21 +231,23 @@ def compare(
         and current.index.is_unique
         and set(baseline.index) == set(current.index)
     )
-    if paired:
+    if paired:  # the leaderboard's paired test; below its 6 pairs, the unpaired rule
         cur = current.reindex(baseline.index).to_numpy(dtype=np.float64)
-        loss = sign * (base - cur)
-        lo, hi = bootstrap_ci(loss, seed=seed)
-        drop = float(loss.mean())
-        return Verdict(
-            paired=True,
-            mean_baseline=mean_b,
-            mean_current=mean_c,
-            drop=drop,
-            ci=(lo, hi),
-            tolerance=floor,
-            regressed=lo > 0 and drop > floor,
-            improved=hi < 0 and -drop > floor,
-        )
+        result = paired_test(sign * base, sign * cur, seed=seed)  # > 0: the baseline was better
+        if result.decided:
+            drop, significant = result.mean, result.p < ALPHA
+            return Verdict(
+                paired=True,
+                mean_baseline=mean_b,
+                mean_current=mean_c,
+                drop=drop,
+                ci=(result.ci_low, result.ci_high),
+                tolerance=floor,
+                regressed=significant and drop > floor,
+                improved=significant and -drop > floor,
+                p=result.p,
+                test=result.test,
+            )
     hw_c = half_width(bootstrap_ci(cur_all, seed=seed))
     tolerance = max(floor, math.hypot(hw_b, hw_c))
     drop = sign * (mean_b - mean_c)
@@ -520,13 +528,15 @@ def random_methods(suite: dict[str, Any]) -> set[str]:
 def clearly_better(
     better: pd.Series, worse: pd.Series, *, higher_is_better: bool, seed: int
 ) -> bool:
-    """The paired 95% CI of ``better``'s advantage over ``worse`` lies entirely above 0
-    (on the samples both scored; unpaired CIs must not overlap when none are shared)."""
+    """``better`` beats ``worse`` by the leaderboard's paired test on the samples both
+    scored (p < 0.05, mean advantage > 0); with fewer than 6 shared samples, or none,
+    their unpaired CIs must not overlap."""
     sign = 1.0 if higher_is_better else -1.0
     common = better.index.intersection(worse.index)
-    if better.index.is_unique and worse.index.is_unique and len(common):
-        gain = sign * (better[common].to_numpy() - worse[common].to_numpy())
-        return bootstrap_ci(gain, seed=seed)[0] > 0
+    if better.index.is_unique and worse.index.is_unique and len(common) >= MIN_PAIRS:
+        a, b = (sign * s[common].to_numpy(dtype=np.float64) for s in (better, worse))
+        result = paired_test(a, b, seed=seed)
+        return bool(result.decided and result.p < ALPHA and result.mean > 0)
     lo_b, hi_b = bootstrap_ci(sign * better.to_numpy(), seed=seed)
     lo_w, hi_w = bootstrap_ci(sign * worse.to_numpy(), seed=seed)
     return lo_b > hi_w
