@@ -366,6 +366,7 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
         host_metrics=sorted(k for k, meta in manifest.metrics.items() if meta["host_dependent"]),
         reports=reports,
         compare_metric=compare or (aopc[0] if aopc else None),
+        uses={k: meta["use"] for k, meta in manifest.metrics.items()},
     )
     for name, text in files.items():
         store.write(name, text)

@@ -89,7 +89,10 @@ def test_pointing_game_tie_rules():
     mask[2] = True
     mask[3, 1, :] = True
     ctx = make_ctx(m, mask)
-    np.testing.assert_array_equal(score("pointing_game", ctx), [0.0, 0.0, 1.0, 1.0])
+    # default "share": the share of tied maxima inside the mask, in closed form: 1 of 2
+    # maxima; a constant map scores the mask's area fraction (8 of 16 pixels); 1; 2 of 2
+    np.testing.assert_array_equal(score("pointing_game", ctx), [0.5, 0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(score("pointing_game", ctx, ties="all"), [0.0, 0.0, 1.0, 1.0])
     np.testing.assert_array_equal(score("pointing_game", ctx, ties="any"), [1.0, 1.0, 1.0, 1.0])
     with pytest.raises(UserError, match="ties"):
         score("pointing_game", ctx, ties="first")

@@ -19,6 +19,7 @@ are); methods and metrics perturb in that space.
 
 from __future__ import annotations
 
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,6 +254,19 @@ class GroupState:
         self.scored: dict[tuple[str, str], list[Any]] = {}  # n, n unscored, why
         self.taken: dict[Any, int] = {}  # images taken so far, per method and per cell
         self.examples: dict[str, np.ndarray] = {}
+        self.seconds: dict[str, float] = {}  # wall time per "method" and "method / metric"
+        self.mask_areas: list[float] = []
+
+    def note_masks(self, batch: Batch) -> None:
+        """The lesion area fraction of each image with a nonempty mask: its mean is the
+        chance level of the localization metrics (a map that ignores the image)."""
+        if batch.masks is not None:
+            area = batch.masks.flatten(1).float().mean(dim=1)
+            self.mask_areas += [float(a) for a in area if a > 0]
+
+    def timed(self, key: str, start: float) -> None:
+        """Add the wall time since ``start`` to ``key`` (the group's profile)."""
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
 
     def pending(self, method: Component) -> list[Component]:
         """The metrics of ``method`` still to run: planned, and nothing learned against."""
@@ -338,7 +352,20 @@ class GroupState:
             _concat(self.rows, ROW_COLUMNS),
             _concat(self.curves, CURVE_COLUMNS),
             cells_frame(self.final_cells()),
-            report,
+            {
+                **report,
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                **(
+                    {
+                        "lesion_area": {
+                            "mean": float(np.mean(self.mask_areas)),
+                            "n": len(self.mask_areas),
+                        }
+                    }
+                    if self.mask_areas
+                    else {}
+                ),
+            },
             examples=self.examples,
         )
 
@@ -409,6 +436,7 @@ def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n
             seed=plan.seed,
             batch_size=plan.eval.forward_batch,
         )
+        start = time.perf_counter()
         try:
             scores = METRICS.get(k.use).obj(ctx, **k.options)
         except NotApplicable as exc:
@@ -420,6 +448,8 @@ def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n
             )
             state.learn(m.label, [k], Status.ERROR, f"{k.label}: {_short(exc)}")
             continue
+        finally:
+            state.timed(f"{m.label} / {k.label}", start)
         state.record(batch, n, m.label, k.label, scores)
 
 
@@ -436,12 +466,15 @@ def run_group(spec: GroupSpec) -> GroupResult:
     progress = Progress(n_batches * len(plan.methods), plan.name, bar=spec.progress)
     explainers = {m.label: explainer(m, prep.layer, plan.seed) for m in plan.methods}
     for batch in batches(prep, plan, torch.device(spec.device)):
+        state.note_masks(batch)
         for m in plan.methods:
             # an entry's max_images caps the images it sees: the first ones of the draw
             n = state.take(m, m.label, len(batch.x))
             if state.pending(m) and n:
                 fn = explainers[m.label]
+                start = time.perf_counter()
                 maps = explain(state, prep, batch, m, n, fn)
+                state.timed(m.label, start)
                 if maps is not None:
                     state.keep_examples(batch, m.label, maps)
                     score(state, prep, batch, m, maps, n, fn)

@@ -278,6 +278,7 @@ def to_markdown(
     reports: dict[str, dict] | None = None,
     notes: list[str] = (),
     compare_metric: str | None = None,
+    uses: dict[str, str] | None = None,
 ) -> str:
     """Per (dataset, model): the model's report (flagged when it is no better than the
     majority class), one table per metric family with the marks against random, the best
@@ -300,9 +301,11 @@ def to_markdown(
             f for f in present if f not in FAMILIES and f != "cost"
         ]:
             lines += family_table(grp[grp["family"] == family], family, footnotes)
+            if family == "localization" and (area := (report or {}).get("lesion_area")):
+                lines += [chance_line(area), ""]
         if (grp["family"] == "cost").any():
             lines += family_table(grp[grp["family"] == "cost"], "cost", footnotes)
-        findings += group_findings(grp, dataset, model, flag)
+        findings += group_findings(grp, dataset, model, flag, uses or {})
     if findings:
         lines += ["## Findings", "", *findings, ""]
     if compare_metric:
@@ -417,9 +420,60 @@ def model_lines(report: dict | None, flag: str) -> list[str]:
     return lines
 
 
-def group_findings(grp: pd.DataFrame, dataset: str, model: str, flag: str) -> list[str]:
+def chance_line(area: dict) -> str:
+    return (
+        f"Chance level: a map that ignores the image scores the lesion area fraction, "
+        f"{area['mean']:.3f} here (mean over {area['n']} images with a lesion), on the energy "
+        "pointing game, the pointing game (tied maxima shared) and AUPRC."
+    )
+
+
+def contradictions(ok: pd.DataFrame, uses: dict[str, str]) -> list[str]:
+    """Deletion and insertion verdicts that contradict each other: their method orders
+    anti-correlate, or one method is first on one and last on the other (random first on
+    deletion and last on insertion is the known effect of scattered pixel removal being out
+    of distribution for the model)."""
+    from scipy.stats import spearmanr
+
+    out = []
+    dels = [m for m in dict.fromkeys(ok["metric"]) if uses.get(m) == "deletion"]
+    ins = [m for m in dict.fromkeys(ok["metric"]) if uses.get(m) == "insertion"]
+    for d, i in ((d, i) for d in dels for i in ins):
+        a = ok[ok["metric"] == d].set_index("method")["rank"]
+        b = ok[ok["metric"] == i].set_index("method")["rank"]
+        common = a.index.intersection(b.index)
+        if len(common) < 3:
+            continue
+        a, b = a[common], b[common]
+        rho = spearmanr(a, b).statistic
+        flips = [
+            m for m in common if (a[m] == 1 and b[m] == b.max()) or (b[m] == 1 and a[m] == a.max())
+        ]
+        if (np.isfinite(rho) and rho < 0) or flips:
+            why = (
+                f"their method orders correlate at Spearman rho = {rho:.2f}"
+                if np.isfinite(rho)
+                else ""
+            )
+            if flips:
+                why += ("; " if why else "") + ", ".join(
+                    f"{m} is {'first' if a[m] == 1 else 'last'} on {d} and "
+                    f"{'first' if b[m] == 1 else 'last'} on {i}"
+                    for m in flips
+                )
+            out.append(
+                f"- {d} and {i} contradict each other ({why}): removing scattered pixels puts "
+                "the images out of the model's distribution, so trust neither alone."
+            )
+    return out
+
+
+def group_findings(
+    grp: pd.DataFrame, dataset: str, model: str, flag: str, uses: dict[str, str]
+) -> list[str]:
     """Sentences from the statistics of one (dataset, model): per quality metric, which
-    methods beat random, which cannot be told from it, and the best group."""
+    methods beat random, which cannot be told from it, and the best group; contradicting
+    deletion and insertion verdicts."""
     ok = grp[(grp["status"] == "ok") & (grp["family"] != "cost")]
     if not len(ok):
         return []
@@ -458,6 +512,7 @@ def group_findings(grp: pd.DataFrame, dataset: str, model: str, flag: str) -> li
             else f"n = {g['n'].min()}-{g['n'].max()}"
         )
         out.append(f"- {metric} ({n}): " + "; ".join(parts) + ".")
+    out += contradictions(ok, uses)
     out.append("")
     return out
 
@@ -467,7 +522,9 @@ def _names(frame: pd.DataFrame) -> str:
 
 
 def _bound(op: str, p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{op} {p:.2g}"
+    if p < 0.001:
+        return "< 0.001"
+    return "= 1" if p >= 1 else f"{op} {p:.2g}"
 
 
 def _validation(report: dict) -> dict | None:
@@ -614,6 +671,7 @@ def views(
     host_metrics: Iterable[str],
     reports: dict[str, dict] | None = None,
     compare_metric: str | None = None,
+    uses: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The leaderboard's text files, by name, from its numeric table (``aggregate``):
     ``leaderboard.csv`` (reproducible metrics), ``leaderboard-cost.csv`` (host
@@ -626,7 +684,12 @@ def views(
         CSV_NAME: to_csv(reproducible),
         HOST_CSV_NAME: to_csv(host_table),
         "leaderboard.md": to_markdown(
-            table, title=title, reports=reports, notes=notes, compare_metric=compare_metric
+            table,
+            title=title,
+            reports=reports,
+            notes=notes,
+            compare_metric=compare_metric,
+            uses=uses,
         ),
         "leaderboard.tex": to_latex(table, title=title, reports=reports, notes=notes),
     }
