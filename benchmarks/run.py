@@ -134,6 +134,12 @@ def parser() -> argparse.ArgumentParser:
         "--max-images", type=int, help="override the number of images per (model, dataset)"
     )
     p.add_argument(
+        "--model-seeds",
+        type=int,
+        help="train N models per (architecture, dataset) from seeds seed..seed+N-1 "
+        "(labels gain -s0, -s1, ...); the findings say whether each holds for every seed",
+    )
+    p.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bars: a log line per finished batch and group (as without a terminal)",
@@ -215,11 +221,14 @@ def with_overrides(suite: Suite, args: argparse.Namespace) -> Suite:
         ("--seed", args.seed, NonNegativeInt),
         ("--max-images", args.max_images, PositiveInt),
         ("--num-cpus", args.num_cpus, PositiveInt),
+        ("--model-seeds", args.model_seeds, PositiveInt),
     ):
         if value is not None:
             check_value(value, tp, flag)
     if args.seed is not None:
         suite = dataclasses.replace(suite, seed=args.seed)
+    if args.model_seeds is not None:
+        suite = dataclasses.replace(suite, model_seeds=args.model_seeds)
     if args.max_images is not None:
         evaluation = dataclasses.replace(suite.eval, max_images=args.max_images)
         suite = dataclasses.replace(suite, eval=evaluation)
@@ -367,6 +376,7 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
         reports=reports,
         compare_metric=compare or (aopc[0] if aopc else None),
         uses={k: meta["use"] for k, meta in manifest.metrics.items()},
+        model_seeds={m.label: m.entry for m in suite.model_entries() if m.entry},
     )
     for name, text in files.items():
         store.write(name, text)

@@ -187,3 +187,47 @@ def test_planted_methods_are_judged_correctly_end_to_end(tmp_path, noisy_cam):
     assert "noisy" in better and "noise" not in better
     assert "noise is not distinguishable from random" in rest
     assert "best group: " in rest and "noisy" in rest.split("best group: ")[1]
+
+
+SEEDS = """
+name = "seeds"
+[eval]
+max_images = 16
+[train]
+epochs = 2
+[models.gapcnn]
+[datasets.synth-lesion]
+image_size = 32
+n = 64
+[methods.cam]
+[methods.random]
+[metrics.aopc_morf]
+region = 4
+steps = 8
+"""
+
+
+@pytest.mark.slow
+def test_model_seeds_train_distinct_models_on_the_same_images(tmp_path):
+    import json
+
+    suite = tmp_path / "seeds.toml"
+    suite.write_text(SEEDS)
+    out = tmp_path / "run"
+    args = ["--suite", str(suite), "--out", str(out), "--cache", str(tmp_path / "c")]
+    assert main([*args, "--no-progress", "--model-seeds", "2"]) == 0
+    rows = pd.read_parquet(out / "rows.parquet")
+    assert set(rows["model"]) == {"gapcnn-s0", "gapcnn-s1"}
+    ids = {m: set(g["sample_id"]) for m, g in rows.groupby("model")}
+    assert ids["gapcnn-s0"] == ids["gapcnn-s1"]  # paired across seeds: the same images
+    keys = {
+        json.loads((out / "groups" / f"{m}--synth-lesion" / "model.json").read_text())["key"]
+        for m in ("gapcnn-s0", "gapcnn-s1")
+    }
+    assert len(keys) == 2  # two trainings, not one model twice
+    cam = rows[(rows["method"] == "cam") & (rows["output"] == "value")]
+    by_seed = cam.pivot_table(index="sample_id", columns="model", values="value")
+    assert not np.allclose(by_seed["gapcnn-s0"], by_seed["gapcnn-s1"])  # other weights
+    board = (out / "leaderboard.md").read_text()
+    assert "### Across model seeds" in board
+    assert "- synth-lesion / gapcnn (2 model seeds), aopc_morf: cam " in board

@@ -190,7 +190,7 @@ def prepare(spec: GroupSpec) -> Prepared:
         val_set=val_set,
         dataset_options=plan.dataset.options,
         config=plan.train,
-        seed=plan.seed,
+        seed=plan.seed + (mc.model_seed or 0),  # the model's own seed: its initial weights
         cache_dir=spec.cache_dir,
         device=spec.device,
         model_options=mc.options,

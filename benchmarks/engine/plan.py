@@ -190,7 +190,7 @@ def _cells(suite: Suite, mc: Component, dc: Component, data: str) -> tuple[Cell,
             status, reason = Status.PLANNED, needs_reason(k, dc)
             if reason:
                 status = Status.NOT_APPLICABLE
-            elif why := suite.excluded(mc.label, dc.label, m.label, k.label):
+            elif why := suite.excluded(mc.entry or mc.label, dc.label, m.label, k.label):
                 status, reason = Status.EXCLUDED, why
             if data.startswith("missing"):
                 status, reason = Status.SKIPPED, data
@@ -240,7 +240,7 @@ def make_plan(suite: Suite, *, data_root: str | None) -> Plan:
     groups = []
     for dc in suite.datasets:
         data, root = _data(dc, data_root)
-        for mc in suite.models:
+        for mc in suite.model_entries():
             group = GroupPlan(
                 model=mc,
                 dataset=dc,

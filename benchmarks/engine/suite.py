@@ -63,6 +63,7 @@ TOP_KEYS = (
     "version",
     "description",
     "seed",
+    "model_seeds",
     "include",
     "eval",
     "train",
@@ -78,6 +79,7 @@ TOP_TYPES = {  # the types of the top-level values (tables are checked entry by 
     "version": PositiveInt,
     "description": str,
     "seed": NonNegativeInt,
+    "model_seeds": PositiveInt,
     "include": str | list[str],
     **{kind: dict for kind in KINDS},
     "eval": dict,
@@ -85,13 +87,15 @@ TOP_TYPES = {  # the types of the top-level values (tables are checked entry by 
 }
 # Entry keys the pipeline reads itself, not options of the registered callable:
 #   models:   layer (target layer), checkpoint (the user's weights instead of training),
+#             model_seed (trains the model from seed + model_seed: another draw of the
+#             weights on the same data and evaluation images; set by --model-seeds),
 #             train (TrainConfig overrides for this model), train_on (a table of dataset
 #             label -> TrainConfig overrides for this model on that dataset)
 #   datasets: root (data directory), train (TrainConfig overrides for this dataset)
 #   methods, metrics: max_images (the entry sees only the first N evaluation images of each
 #             (model, dataset): for costly methods and metrics; n is reported per cell)
 ENTRY_KEYS = {
-    "models": ("layer", "checkpoint", "train", "train_on"),
+    "models": ("layer", "checkpoint", "train", "train_on", "model_seed"),
     "datasets": ("root", "train"),
     "methods": ("max_images",),
     "metrics": ("max_images",),
@@ -139,6 +143,7 @@ class Component:
     root: the data directory of a real dataset (datasets).
     max_images: the entry sees only the first N evaluation images of each group (methods,
         metrics: for costly entries; every cell reports its n).
+    model_seed: the model is trained from the suite seed + this (models; ``model_seeds``).
     """
 
     label: str
@@ -150,6 +155,8 @@ class Component:
     train_on: dict[str, dict[str, Any]] = field(default_factory=dict)
     root: str | None = None
     max_images: PositiveInt | None = None
+    model_seed: NonNegativeInt | None = None
+    entry: str | None = None  # the suite entry a model-seed copy came from (its label)
 
     def pipeline(self) -> dict[str, Any]:
         """The pipeline fields that are set, by name."""
@@ -200,6 +207,22 @@ class Suite:
     metrics: tuple[Component, ...]
     source: str = ""
     exclude: tuple[Exclusion, ...] = ()
+    model_seeds: int = 1  # models trained per entry, from seeds seed + 0 .. n-1
+
+    def model_entries(self) -> tuple[Component, ...]:
+        """The model entries as the plan runs them: with ``model_seeds`` = n > 1, each entry
+        n times, trained from seeds seed + 0 .. n-1 (``gapcnn`` becomes ``gapcnn-s0``,
+        ``gapcnn-s1``, ...: the label carries the model seed into every table) on the same
+        data and evaluation images. An entry that sets ``model_seed`` itself stays one."""
+        import dataclasses
+
+        if self.model_seeds <= 1:
+            return self.models
+        return tuple(
+            dataclasses.replace(m, label=f"{m.label}-s{k}", model_seed=k, entry=m.label)
+            for m in self.models
+            for k in range(self.model_seeds if m.model_seed is None else 0)
+        ) + tuple(m for m in self.models if m.model_seed is not None)
 
     def excluded(self, model: str, dataset: str, method: str, metric: str) -> str | None:
         """The reason the suite leaves this cell out, or None."""
@@ -216,6 +239,7 @@ class Suite:
             "version": self.version,
             "description": self.description,
             "seed": self.seed,
+            **({"model_seeds": self.model_seeds} if self.model_seeds > 1 else {}),
             "eval": asdict(self.eval),
             "train": asdict(self.train),
             **{kind: comp(getattr(self, kind)) for kind in KINDS},
@@ -470,6 +494,7 @@ def load_suite(name_or_path: str) -> Suite:
             **components,
             source=", ".join(data.get("_files", [])),
             exclude=_exclusions(where, data.get("exclude", []), components),
+            model_seeds=int(data.get("model_seeds", 1)),
         )
     except UserError as exc:
         if where in str(exc):

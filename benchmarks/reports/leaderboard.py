@@ -279,6 +279,7 @@ def to_markdown(
     notes: list[str] = (),
     compare_metric: str | None = None,
     uses: dict[str, str] | None = None,
+    model_seeds: dict[str, str] | None = None,
 ) -> str:
     """Per (dataset, model): the model's report (flagged when it is no better than the
     majority class), one table per metric family with the marks against random, the best
@@ -306,6 +307,7 @@ def to_markdown(
         if (grp["family"] == "cost").any():
             lines += family_table(grp[grp["family"] == "cost"], "cost", footnotes)
         findings += group_findings(grp, dataset, model, flag, uses or {})
+    findings += seed_findings(table, model_seeds or {})
     if findings:
         lines += ["## Findings", "", *findings, ""]
     if compare_metric:
@@ -418,6 +420,36 @@ def model_lines(report: dict | None, flag: str) -> list[str]:
             "evidence about the explanation methods.**"
         )
     return lines
+
+
+def seed_findings(table: pd.DataFrame, entries: dict[str, str]) -> list[str]:
+    """Whether each verdict against random (better, not distinguishable, worse, too few
+    images) holds for every model seed: ``entries`` maps a
+    model label (``gapcnn-s1``) to the suite entry it is a seed of (``gapcnn``)."""
+    ok = table[(table["status"] == "ok") & (table["family"] != "cost")]
+    ok = ok[ok["model"].isin(list(entries))]
+    if not len(ok):
+        return []
+    ok = ok.assign(entry=ok["model"].map(entries))
+    out = ["### Across model seeds", ""]
+    for (dataset, entry, metric), g in ok.groupby(["dataset", "entry", "metric"], sort=True):
+        seeds = g["model"].nunique()
+        parts = []
+        for method, mg in g.groupby("method", sort=False):
+            marks = mg["vs_random"].value_counts()
+            if "reference" in marks:
+                continue
+            if len(marks) == 1 and marks.iloc[0] == seeds:
+                parts.append(f"{method} {marks.index[0]} for every seed")
+            else:
+                counts = ", ".join(f"{mark} for {k}" for mark, k in marks.items())
+                parts.append(f"{method} {counts} of {seeds} seeds: it depends on the seed")
+        if parts:
+            out.append(
+                f"- {dataset} / {entry} ({seeds} model seeds), {metric}: " + "; ".join(parts) + "."
+            )
+    out.append("")
+    return out if len(out) > 3 else []
 
 
 def chance_line(area: dict) -> str:
@@ -672,6 +704,7 @@ def views(
     reports: dict[str, dict] | None = None,
     compare_metric: str | None = None,
     uses: dict[str, str] | None = None,
+    model_seeds: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The leaderboard's text files, by name, from its numeric table (``aggregate``):
     ``leaderboard.csv`` (reproducible metrics), ``leaderboard-cost.csv`` (host
@@ -690,6 +723,7 @@ def views(
             notes=notes,
             compare_metric=compare_metric,
             uses=uses,
+            model_seeds=model_seeds,
         ),
         "leaderboard.tex": to_latex(table, title=title, reports=reports, notes=notes),
     }
