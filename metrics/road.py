@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import spsolve
 
-from benchmarks.core.checks import NonNegativeFloat, OpenFraction
+from benchmarks.core.checks import NonNegativeFloat, Range
 from benchmarks.core.errors import UserError
 from metrics.base import METRICS, ClassScore, MetricContext, Scores, class_score
 from metrics.faithfulness import region_ranks
@@ -179,7 +179,7 @@ def _road_metric(order: Order):
     def metric(
         ctx: MetricContext,
         *,
-        percentages: Sequence[OpenFraction] = DEFAULT_PERCENTAGES,
+        percentages: Sequence[Annotated[float, Range(0, 1, open_max=True)]] = DEFAULT_PERCENTAGES,
         noise: NonNegativeFloat = 0.01,
         score: ClassScore = "probability",
     ) -> Scores:

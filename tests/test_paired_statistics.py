@@ -120,7 +120,23 @@ def test_compare_methods_marks_and_groups_on_fixed_data():
             for i, v in enumerate(vals)
         ]
     )
+    # a method scored on 2 images only, with the highest mean: it is neither ranked nor best
+    few = [
+        dict(
+            dataset="d",
+            model="m",
+            method="lucky",
+            metric="x",
+            output="value",
+            sample_id=i,
+            value=9.0,
+        )
+        for i in range(2)
+    ]
+    rows = pd.concat([rows, pd.DataFrame(few)], ignore_index=True)
     t = compare_methods(rows, {"x": True}, {"x": "faithfulness"}, {"random"}).set_index("method")
+    assert (t.loc["lucky", "vs_random"], t.loc["lucky", "rank"]) == ("too few images", 0)
+    assert not t.loc["lucky", "best_group"] and t.loc["good", "best"] != "lucky"
     assert t.loc["good", "vs_random"] == t.loc["good2", "vs_random"] == "better"
     assert t.loc["copy", "vs_random"] == "not distinguishable"
     assert t.loc["bad", "vs_random"] == "worse" and t.loc["random", "vs_random"] == "reference"
@@ -231,3 +247,54 @@ def test_model_seeds_train_distinct_models_on_the_same_images(tmp_path):
     board = (out / "leaderboard.md").read_text()
     assert "### Across model seeds" in board
     assert "- synth-lesion / gapcnn (2 model seeds), aopc_morf: cam " in board
+
+
+def test_contradicting_deletion_and_insertion_verdicts_are_flagged():
+    """Random best on deletion (lower is better) and worst on insertion: flagged."""
+    from benchmarks.reports.leaderboard import aggregate, contradictions
+
+    rng = np.random.default_rng(5)
+    n = 30
+    means = {  # deletion (lower better), insertion (higher better)
+        "random": (0.1, 0.2),
+        "cam": (0.5, 0.8),
+        "gradcam": (0.45, 0.7),
+        "occlusion": (0.4, 0.6),
+    }
+    rows = pd.DataFrame(
+        [
+            dict(
+                dataset="d",
+                model="m",
+                method=k,
+                metric=metric,
+                output="value",
+                sample_id=i,
+                value=v,
+            )
+            for k, pair in means.items()
+            for metric, mu in zip(("del", "ins"), pair, strict=True)
+            for i, v in enumerate(mu + rng.normal(0, 0.02, n))
+        ]
+    )
+    cells = (
+        rows[["dataset", "model", "method", "metric"]]
+        .drop_duplicates()
+        .assign(status="ok", reason="", n=n, n_excluded=0)
+    )
+    table = aggregate(
+        rows,
+        cells,
+        {"del": False, "ins": True},
+        families={"del": "faithfulness", "ins": "faithfulness"},
+    )
+    (line,) = contradictions(table, {"del": "deletion", "ins": "insertion"})
+    assert "rho = -1.00" in line and "random is first on del and last on ins" in line
+    agree = rows.assign(value=np.where(rows["metric"] == "del", 1 - rows["value"], rows["value"]))
+    table = aggregate(
+        agree,
+        cells,
+        {"del": False, "ins": True},
+        families={"del": "faithfulness", "ins": "faithfulness"},
+    )
+    assert contradictions(table, {"del": "deletion", "ins": "insertion"}) == []

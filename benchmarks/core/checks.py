@@ -49,22 +49,24 @@ from benchmarks.core.errors import UserError
 
 @dataclass(frozen=True)
 class Range:
-    """A number in [min, max] (either bound optional; ``open_min``: min itself excluded)."""
+    """A number in [min, max] (either bound optional; ``open_min``, ``open_max``: that bound
+    itself excluded)."""
 
     min: float | None = None
     max: float | None = None
     open_min: bool = False
+    open_max: bool = False
 
     def problem(self, value: float) -> str:
         if self.min is not None and (value <= self.min if self.open_min else value < self.min):
             return f"must be {self.describe()}"
-        if self.max is not None and value > self.max:
+        if self.max is not None and (value >= self.max if self.open_max else value > self.max):
             return f"must be {self.describe()}"
         return ""
 
     def describe(self) -> str:
         low = "" if self.min is None else f"{'>' if self.open_min else '>='} {_num(self.min)}"
-        high = "" if self.max is None else f"<= {_num(self.max)}"
+        high = "" if self.max is None else f"{'<' if self.open_max else '<='} {_num(self.max)}"
         return " and ".join(b for b in (low, high) if b)
 
 

@@ -1,6 +1,10 @@
 """Aggregation and leaderboards: per (dataset, model, method, metric) the mean, a 95%
-percentile-bootstrap confidence interval, n and the rank among methods; per method the
-mean rank over metrics. Not-applicable, skipped and failed cells keep their reason.
+percentile-bootstrap confidence interval and n, and the paired comparisons of
+``benchmarks.reports.stats`` (against ``random`` and against the best method, Holm-adjusted
+within a (dataset, model, metric family)); the rank among methods (1 for the best method
+and every method not distinguishable from it; 0 for a method with too few images to rank).
+Mean ranks are taken within a family only. Not-applicable, skipped and failed cells keep
+their reason.
 
 Aggregation is one shared step for every metric. The bootstrap draws from a generator
 seeded by the cell's key, so the numbers do not depend on the order cells are processed,
@@ -181,7 +185,9 @@ def to_csv(table: pd.DataFrame) -> str:
             for v, k in zip(out[col], ok, strict=True)
         ]
     for col in ("rank", "n_random", "n_best"):
-        out[col] = [str(r) if k else "" for r, k in zip(out[col], ok, strict=True)]
+        out[col] = [
+            str(r) if k and (r or col != "rank") else "" for r, k in zip(out[col], ok, strict=True)
+        ]
     return out.to_csv(index=False, lineterminator="\n")
 
 
@@ -336,7 +342,8 @@ def family_table(fam: pd.DataFrame, family: str, footnotes: dict[str, int]) -> l
             row = mg[mg["metric"] == m]
             cells.append(_cell(row.iloc[0], footnotes, cost) if len(row) else "")
         ok = mg[mg["status"] == "ok"]
-        rank = "" if cost or not len(ok) else f"{ok['rank'].mean():.2f}"
+        ranked = ok[ok["rank"] > 0]  # rank 0: too few images to rank
+        rank = "" if cost or not len(ranked) else f"{ranked['rank'].mean():.2f}"
         lines.append(f"| {method} | " + " | ".join(cells if cost else [*cells, rank]) + " |")
     lines.append("")
     if cost:
@@ -461,43 +468,46 @@ def chance_line(area: dict) -> str:
 
 
 def contradictions(ok: pd.DataFrame, uses: dict[str, str]) -> list[str]:
-    """Deletion and insertion verdicts that contradict each other: their method orders
-    anti-correlate, or one method is first on one and last on the other (random first on
-    deletion and last on insertion is the known effect of scattered pixel removal being out
-    of distribution for the model)."""
+    """Deletion and insertion verdicts that contradict each other: both decide some method
+    against random, and over the methods with enough images to rank their orders by mean
+    (in each metric's good direction) anti-correlate. Random first on deletion and last on insertion is the known effect of
+    scattered pixel removal taking the images out of the model's distribution."""
     from scipy.stats import spearmanr
 
     out = []
     dels = [m for m in dict.fromkeys(ok["metric"]) if uses.get(m) == "deletion"]
     ins = [m for m in dict.fromkeys(ok["metric"]) if uses.get(m) == "insertion"]
     for d, i in ((d, i) for d in dels for i in ins):
-        a = ok[ok["metric"] == d].set_index("method")["rank"]
-        b = ok[ok["metric"] == i].set_index("method")["rank"]
+        a, b = (_signed_means(ok, metric) for metric in (d, i))
         common = a.index.intersection(b.index)
-        if len(common) < 3:
-            continue
         a, b = a[common], b[common]
-        rho = spearmanr(a, b).statistic
+        if len(common) < 3 or a.nunique() < 2 or b.nunique() < 2:
+            continue
+        decided = ok[ok["metric"].isin([d, i]) & ok["vs_random"].isin(["better", "worse"])]
+        if decided["metric"].nunique() < 2:  # verdicts contradict only where both decide
+            continue
+        rho = float(spearmanr(a, b).statistic)
+        if rho >= 0:
+            continue
         flips = [
-            m for m in common if (a[m] == 1 and b[m] == b.max()) or (b[m] == 1 and a[m] == a.max())
+            f"{m} is {'first' if m == a.idxmax() else 'last'} on {d} and "
+            f"{'first' if m == b.idxmax() else 'last'} on {i}"
+            for m in common
+            if {m == a.idxmax(), m == b.idxmax()} == {True, False} and m in (a.idxmin(), b.idxmin())
         ]
-        if (np.isfinite(rho) and rho < 0) or flips:
-            why = (
-                f"their method orders correlate at Spearman rho = {rho:.2f}"
-                if np.isfinite(rho)
-                else ""
-            )
-            if flips:
-                why += ("; " if why else "") + ", ".join(
-                    f"{m} is {'first' if a[m] == 1 else 'last'} on {d} and "
-                    f"{'first' if b[m] == 1 else 'last'} on {i}"
-                    for m in flips
-                )
-            out.append(
-                f"- {d} and {i} contradict each other ({why}): removing scattered pixels puts "
-                "the images out of the model's distribution, so trust neither alone."
-            )
+        why = f"their method orders correlate at Spearman rho = {rho:.2f}"
+        out.append(
+            f"- {d} and {i} contradict each other ({'; '.join([why, *flips])}): removing "
+            "scattered pixels takes the images out of the model's distribution, so trust "
+            "neither alone."
+        )
     return out
+
+
+def _signed_means(ok: pd.DataFrame, metric: str) -> pd.Series:
+    """Method -> mean in the metric's good direction, for the methods ranked on it."""
+    sub = ok[(ok["metric"] == metric) & (ok["rank"] > 0)].set_index("method")
+    return sub["mean"] * np.where(sub["higher_is_better"], 1.0, -1.0)
 
 
 def group_findings(

@@ -210,7 +210,8 @@ def compare_methods(
         table.loc[idx, "p_best_adj"] = _column(adjusted[k:])
     table["vs_random"] = [_mark(r) for r in table.itertuples()]
     table["best_group"] = [
-        r.method == r.best or (not _missing(r.p_best_adj) and r.p_best_adj >= ALPHA)
+        bool(r.best)
+        and (r.method == r.best or (not _missing(r.p_best_adj) and r.p_best_adj >= ALPHA))
         for r in table.itertuples()
     ]
     table.loc[table["best_group"], "rank"] = 1  # not distinguishable from the best: its rank
@@ -219,21 +220,25 @@ def compare_methods(
 
 def _compare_table(dataset, model, metric, wide, randoms: set[str], seed: int) -> list[dict]:
     """The records of one (dataset, model, metric): ``wide`` is images x methods, signed so
-    that higher is better."""
+    that higher is better. Only methods with at least ``MIN_PAIRS`` images are ranked and
+    may be the best (a method scored on 2 images is not first on their mean); the others
+    get rank 0 (unranked) and say "too few images"."""
     methods = list(wide.columns)
-    common = wide.dropna()
+    ranked = [m for m in methods if wide[m].count() >= MIN_PAIRS]  # none: no best, no ranks
+    common = wide[ranked].dropna()
     basis = common if len(common) >= MIN_PAIRS else wide
-    means = {m: float(basis[m].dropna().mean()) for m in methods}
+    means = {m: float((basis[m] if m in basis else wide[m]).dropna().mean()) for m in methods}
     scale = max([1.0, *(abs(v) for v in means.values())])
-    best = max(methods, key=lambda m: (means[m], -methods.index(m)))
+    best = max(ranked, key=lambda m: (means[m], -methods.index(m))) if ranked else ""
     # the reference: the method labelled "random" if it is one, else the first random one
     ref = "random" if "random" in methods and "random" in randoms else None
     ref = ref or next((m for m in methods if m in randoms), None)
     out = []
     for i, m in enumerate(methods):
-        rank = 1 + sum(means[o] - means[m] > TOLERANCE * scale for o in methods)
+        rank = 1 + sum(means[o] - means[m] > TOLERANCE * scale for o in ranked)
+        rank = rank if m in ranked else 0
         vs_ref = _pair(wide, m, ref, seed + i) if ref and m != ref else None
-        vs_best = _pair(wide, m, best, seed + 1000 + i) if m != best else None
+        vs_best = _pair(wide, m, best, seed + 1000 + i) if best and m != best else None
         out.append(
             dict(
                 dataset=dataset,
