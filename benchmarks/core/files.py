@@ -21,6 +21,7 @@ temporary is removed and the old file stays as it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -93,11 +94,15 @@ def atomic_write(
     except OSError as exc:
         raise write_error(exc, path, fix) from exc
     finally:
-        if tmp is not None:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
+        discard(tmp)
+
+
+def discard(path: Path | None) -> None:
+    """Remove a temporary file if there is one; a failure to remove it is not an error
+    (the next run's clean-up of partial writes takes it)."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def file_digest(path: str | Path) -> tuple[str, int]:

@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.core.errors import UserError
-from benchmarks.core.files import TEMP_GLOB, atomic_write, file_digest, write_error
+from benchmarks.core.files import TEMP_GLOB, atomic_write, discard, file_digest, write_error
 
 try:
     import fcntl
@@ -642,11 +642,7 @@ def _create_lock(path: Path, pid: str) -> bool:
     except OSError as exc:
         raise write_error(exc, path, FIX) from None
     finally:
-        if tmp is not None:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
+        discard(tmp)
 
 
 def _create_lock_exclusive(path: Path, pid: str) -> bool:
