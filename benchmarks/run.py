@@ -195,10 +195,10 @@ def run(args: argparse.Namespace) -> int:
         store.write("manifest.json", manifest)
         try:
             execute(plan, todo, store, manifest, args, device)
+            errors = publish(plan, store, manifest)
         except BaseException as exc:  # interrupted, or bad input found mid-run
             interrupted(store, manifest, exc)
             raise
-        errors = publish(plan, store, manifest)
     log(f"results: {run_dir}/leaderboard.md")
     if errors:
         log(
