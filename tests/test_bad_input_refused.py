@@ -79,12 +79,14 @@ def finished(tmp_path_factory):
     return out, cache
 
 
-def refused(tmp_path: Path, finished, capsys, suite_text: str, *extra: str) -> str:
-    """Run ``suite_text`` into a copy of the finished run; assert the refusal's contract
-    and return its message."""
+def refused(tmp_path: Path, finished, capsys, suite_text: str, *extra: str, damage=None) -> str:
+    """Run ``suite_text`` into a copy of the finished run (after ``damage(out)``, if
+    given); assert the refusal's contract and return its message."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     shutil.copytree(finished[0], out)
     shutil.copytree(finished[1], cache)
+    if damage is not None:
+        damage(out)
     before, trained = digest(out), models_in(cache)
     suite = tmp_path / "suite.toml"
     suite.write_text(suite_text)
@@ -174,15 +176,24 @@ def test_a_missing_checkpoint_is_refused_when_the_suite_loads(tmp_path, finished
 # -- data ----------------------------------------------------------------------------
 
 
-def write_csv_dataset(root: Path, rows: list[tuple[str, int, str]]) -> Path:
-    """Images (12x12 grey noise) and a CSV of (image, label, split) rows under ``root``."""
+def write_csv_dataset(
+    root: Path, rows: list[tuple[str, int, str]], mask_levels: tuple[int, ...] | None = None
+) -> Path:
+    """Images (12x12 grey noise) and a CSV of (image, label, split) rows under ``root``;
+    with ``mask_levels``, a mask per image drawing those grey levels (and a mask column)."""
     rng = np.random.default_rng(0)
     (root / "img").mkdir(parents=True)
-    lines = ["image,label,split"]
+    lines = ["image,label,split" + (",mask" if mask_levels else "")]
     for name, label, split in rows:
         pixels = rng.integers(0, 255, (12, 12), dtype=np.uint8)
         Image.fromarray(pixels).save(root / "img" / f"{name}.png")
         lines.append(f"img/{name}.png,{label},{split}")
+        if mask_levels:
+            mask = np.zeros((12, 12), dtype=np.uint8)
+            for i, level in enumerate(mask_levels):
+                mask[2 + 3 * i : 5 + 3 * i, 2:8] = level
+            Image.fromarray(mask).save(root / "img" / f"{name}_mask.png")
+            lines[-1] += f",img/{name}_mask.png"
     (root / "data.csv").write_text("\n".join(lines) + "\n")
     return root / "data.csv"
 
@@ -345,3 +356,77 @@ def test_every_option_of_every_registered_entry_has_a_type_the_suite_checks():
         if name not in hints(entry.obj)
     ]
     assert not missing, missing
+
+
+TWO_CLASSES = (
+    [(f"t{i}", i % 2, "train") for i in range(8)]
+    + [(f"v{i}", i % 2, "val") for i in range(2)]
+    + [(f"e{i}", i % 2, "test") for i in range(4)]
+)
+
+
+def test_grey_masks_are_refused_naming_the_file_and_its_values(tmp_path, finished, capsys):
+    table = write_csv_dataset(tmp_path / "data", TWO_CLASSES, mask_levels=(200, 90))
+    text = csv_suite(table, 'mask_col = "mask"\n') + "[metrics.pointing_game]\n"
+    message = refused(tmp_path, finished, capsys, text)
+    assert "_mask.png" in message and "0, 90, 200" in message
+
+
+def test_binary_masks_in_any_encoding_are_read_as_lesions(tmp_path, capsys):
+    """0/1 masks (once read as empty) score the pointing game on every image."""
+    table = write_csv_dataset(tmp_path / "data", TWO_CLASSES, mask_levels=(1,))
+    suite = tmp_path / "suite.toml"
+    suite.write_text(csv_suite(table, 'mask_col = "mask"\n') + "[metrics.pointing_game]\n")
+    out = tmp_path / "run"
+    args = ["--suite", str(suite), "--out", str(out), "--cache", str(tmp_path / "c")]
+    assert main([*args, "--no-progress"]) == 0
+    cells = pd.read_parquet(out / "cells.parquet").set_index(["method", "metric"])
+    assert (
+        cells.loc[("cam", "pointing_game"), "n"],
+        cells.loc[("cam", "pointing_game"), "n_excluded"],
+    ) == (4, 0)
+
+
+def test_a_csv_path_outside_the_data_root_is_refused(tmp_path, finished, capsys):
+    table = write_csv_dataset(tmp_path / "data", TWO_CLASSES)
+    outside = tmp_path / "outside.png"
+    shutil.copy(tmp_path / "data" / "img" / "t0.png", outside)
+    text = table.read_text().replace("img/t0.png", "../outside.png")
+    table.write_text(text)
+    message = refused(tmp_path, finished, capsys, csv_suite(table))
+    assert "../outside.png" in message and "allow_outside_root" in message
+
+
+@pytest.mark.parametrize("content", ["", "x\x00y"])
+def test_an_empty_or_garbage_lock_is_named_with_the_command_to_remove_it(
+    tmp_path, finished, capsys, content
+):
+    message = refused(
+        tmp_path, finished, capsys, BASE, damage=lambda out: (out / ".lock").write_text(content)
+    )
+    assert str(tmp_path / "run" / ".lock") in message and "then rm " in message
+
+
+@pytest.mark.parametrize("name", ["rows", "cells", "curves"])
+def test_a_damaged_stored_file_is_named_and_its_group_computed_again(
+    tmp_path, finished, capsys, name
+):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(finished[0], out)
+    shutil.copytree(finished[1], cache)
+    path = out / "groups" / "gapcnn--a" / f"{name}.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    suite = tmp_path / "suite.toml"
+    suite.write_text(BASE)
+    capsys.readouterr()
+    args = ["--suite", str(suite), "--out", str(out), "--cache", str(cache), "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"gapcnn--a: stored results are damaged ({name}.parquet" in err
+    tables = lambda root: {  # noqa: E731  (model.json holds wall times: it differs)
+        k: v for k, v in digest(root / "groups").items() if k.endswith((".parquet", ".npz"))
+    }
+    assert tables(out) == tables(finished[0])  # recomputed: the same results
+    assert json.loads((out / "manifest.json").read_text())["groups"]["gapcnn--a"]["state"] == (
+        "computed"
+    )
