@@ -298,3 +298,20 @@ def test_contradicting_deletion_and_insertion_verdicts_are_flagged():
         families={"del": "faithfulness", "ins": "faithfulness"},
     )
     assert contradictions(table, {"del": "deletion", "ins": "insertion"}) == []
+
+
+@pytest.mark.parametrize("n", [7, 12, 40])
+def test_sign_flip_p_agrees_with_scipys_permutation_test(n):
+    rng = np.random.default_rng(n)
+    d = np.round(rng.normal(0.3, 1.0, n), 1)  # rounded: ties, so the sign-flip test is used
+    ours = paired_test(d, np.zeros(n), seed=0)
+    assert ours.test == "sign-flip permutation"
+    theirs = sps.permutation_test(
+        (d,),
+        lambda x, axis: np.mean(x, axis=axis),
+        vectorized=True,
+        permutation_type="samples",
+        n_resamples=np.inf if n <= 16 else 200_000,
+        rng=np.random.default_rng(1),
+    ).pvalue
+    assert ours.p == pytest.approx(theirs, abs=1e-12 if n <= 16 else 0.01)
