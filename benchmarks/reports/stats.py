@@ -194,7 +194,13 @@ def compare_methods(
     methods with a better mean (means equal within float tolerance tie). P-values are
     Holm-adjusted within each (dataset, model, metric family). The best is chosen on the
     images every method scored (on each method's own images when fewer than ``MIN_PAIRS``
-    are common)."""
+    are common).
+
+    Columns (``COMPARISON_COLUMNS``): ``n_random``, ``test_random``, ``p_random`` and
+    ``p_random_adj`` (Holm) of the test against random; ``effect_random`` with
+    ``effect_random_low``/``_high``: the median paired advantage over random in the
+    metric's good direction (> 0: better) and its 95% CI; ``best``, the best method's
+    label; ``n_best`` and ``p_best_adj`` of the test against it; ``best_group``; ``rank``."""
     import pandas as pd
 
     primary = rows[rows["output"] == "value"]
