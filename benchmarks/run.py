@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import os
 import platform
 import signal
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from benchmarks.core.checks import NonNegativeInt, PositiveInt, check_value
 from benchmarks.core.errors import UserError
+from benchmarks.core.files import check_writable
 from benchmarks.engine.executors import EXECUTORS, run_groups
 from benchmarks.engine.group import GroupResult, check_device, group_specs, preflight
 from benchmarks.engine.plan import (
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             "--strict: " + "; ".join(f"dataset {name} {why}" for name, why in missing.items())
         )
-    writable_folder(Path(args.cache), "--cache")
+    check_writable(args.cache, "choose another --cache")
     run_dir = Path(args.out or Path("results") / f"{suite.name}-{suite.config_hash()}")
     with RunStore(run_dir).open() as store:
         todo, reused = to_compute(plan, store)
@@ -257,20 +257,6 @@ def new_manifest(suite: Suite, run_dir: Path, args: argparse.Namespace, device: 
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def writable_folder(path: Path, flag: str) -> None:
-    """Create ``path`` if needed and check that files can be written in it, or fail now
-    (one line naming the folder) rather than after training."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(
-            f"{flag} {path}: cannot write there ({exc.strerror or exc}); choose another {flag}"
-        ) from None
 
 
 def interrupted(store: RunStore, manifest: Manifest, exc: BaseException) -> None:

@@ -105,6 +105,20 @@ def discard(path: Path | None) -> None:
             path.unlink(missing_ok=True)
 
 
+def check_writable(folder: str | Path, fix: str = ELSEWHERE) -> None:
+    """Create ``folder`` if needed and write and remove a probe file in it, so a folder
+    that cannot take files fails now (``WriteError`` naming it and ``fix``), not after
+    the work meant for it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise write_error(exc, folder, fix) from None
+
+
 def file_digest(path: str | Path) -> tuple[str, int]:
     """The sha256 (hex) and size in bytes of the file at ``path``."""
     digest, size = hashlib.sha256(), 0

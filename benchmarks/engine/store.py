@@ -55,7 +55,14 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.core.errors import UserError
-from benchmarks.core.files import TEMP_GLOB, atomic_write, discard, file_digest, write_error
+from benchmarks.core.files import (
+    TEMP_GLOB,
+    atomic_write,
+    check_writable,
+    discard,
+    file_digest,
+    write_error,
+)
 
 try:
     import fcntl
@@ -211,13 +218,11 @@ class RunStore:
 
     def prepare(self) -> None:
         """Create the folder, or fail with a clear message if it cannot be written."""
+        check_writable(self.root, FIX)
         try:
-            self.groups_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-probe"
-            probe.write_text("")
-            probe.unlink()
+            self.groups_dir.mkdir(exist_ok=True)
         except OSError as exc:
-            raise write_error(exc, self.root, FIX) from None
+            raise write_error(exc, self.groups_dir, FIX) from None
 
     @contextmanager
     def lock(self) -> Iterator[None]:

@@ -238,24 +238,7 @@ def blocks(
                         {"ok": False, "status": r["status"].replace("_", " "), "note": note}
                     )
             rows.append((method, cells))
-        key = group_key(model, dataset)
-        report = ""
-        if reports and key in reports and "accuracy" in reports[key]:
-            rep = reports[key]
-            per_class = ", ".join(
-                f"{c}: P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f}"
-                for c, v in rep.get("classes", {}).items()
-            )
-            val = _validation(rep)
-            val_text = (
-                f", validation accuracy {val['accuracy']:.3f} (n={val.get('n', '?')})"
-                if val
-                else ""
-            )
-            report = (
-                f"Model: test accuracy {rep['accuracy']:.3f} (n={rep.get('n', '?')}){val_text}; "
-                f"{per_class}."
-            )
+        report = model_summary((reports or {}).get(group_key(model, dataset)))
         out.append(Block(dataset, model, metrics, rows, report))
     return out
 
@@ -408,19 +391,28 @@ def model_flag(report: dict | None) -> str:
     return "; ".join(why)
 
 
-def model_lines(report: dict | None, flag: str) -> list[str]:
+def model_summary(report: dict | None) -> str:
+    """The model's classification report in one sentence ("" without one)."""
     if not report or "accuracy" not in report:
-        return []
+        return ""
     per_class = ", ".join(
         f"{c}: P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f}"
         for c, v in report.get("classes", {}).items()
     )
     val = _validation(report)
     val_text = f", validation accuracy {val['accuracy']:.3f} (n={val.get('n', '?')})" if val else ""
-    lines = [
+    return (
         f"Model: test accuracy {report['accuracy']:.3f} (n={report.get('n', '?')}){val_text}; "
         f"{per_class}."
-    ]
+    )
+
+
+def model_lines(report: dict | None, flag: str) -> list[str]:
+    """The model's summary, and the warning when its results are no evidence (``flag``)."""
+    summary = model_summary(report)
+    if not summary:
+        return []
+    lines = [summary]
     if flag:
         lines.append(
             f"**Warning: {flag}. This model has not learned the task, so its results are no "
