@@ -42,6 +42,10 @@ class MetricInfo:
         only on the seed and the inputs, so two runs of one suite give different numbers.
         The run keeps such metrics out of ``leaderboard.csv`` (which is then byte-identical
         between runs) and writes them to ``leaderboard-cost.csv``.
+    scale_free: the scores depend on the inputs and the maps only, and not on a positive
+        factor of a map (orderings, argmaxes, ratios): the runner scores maps that are equal
+        up to such a factor once (CAM, Grad-CAM, HiResCAM and XGrad-CAM on a GAP head: see
+        ``benchmarks.engine.group.SameMaps``) and gives each of those methods the scores.
     """
 
     kind: Kind
@@ -50,6 +54,7 @@ class MetricInfo:
     secondary: tuple[tuple[str, bool], ...] = ()
     version: int = 1
     host_dependent: bool = False
+    scale_free: bool = False
 
 
 METRICS: Registry[MetricInfo] = Registry("metric", MetricInfo)

@@ -38,7 +38,7 @@ def gini_index(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, gini, torch.zeros_like(gini))
 
 
-@METRICS.register("sparseness", kind="complexity", higher_is_better=True)
+@METRICS.register("sparseness", kind="complexity", higher_is_better=True, scale_free=True)
 def sparseness(ctx: MetricContext) -> Scores:
     """Sparseness: Gini index of the absolute map values (1 = one pixel, 0 = uniform)."""
     value = gini_index(ctx.maps).detach().cpu().numpy().astype(np.float64)

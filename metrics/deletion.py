@@ -157,17 +157,17 @@ def _causal_metric(mode: Mode, default_substrate: str):
     return metric
 
 
-deletion = METRICS.register("deletion", kind="faithfulness", higher_is_better=False, version=2)(
-    _causal_metric("deletion", "zero")
-)
+deletion = METRICS.register(
+    "deletion", kind="faithfulness", higher_is_better=False, version=2, scale_free=True
+)(_causal_metric("deletion", "zero"))
 deletion.__doc__ = (
     "Deletion (RISE): area under the class probability as the most relevant pixels are "
     "blacked out first (lower is better)."
 )
 
-insertion = METRICS.register("insertion", kind="faithfulness", higher_is_better=True, version=2)(
-    _causal_metric("insertion", "blur")
-)
+insertion = METRICS.register(
+    "insertion", kind="faithfulness", higher_is_better=True, version=2, scale_free=True
+)(_causal_metric("insertion", "blur"))
 insertion.__doc__ = (
     "Insertion (RISE): area under the class probability as the most relevant pixels are "
     "revealed first on a blurred image (higher is better)."

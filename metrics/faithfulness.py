@@ -160,17 +160,25 @@ def _aopc_metric(order: Order):
 
 
 aopc_morf = METRICS.register(
-    "aopc_morf", aliases=("aopc", "aopc-morf"), kind="faithfulness", higher_is_better=True
+    "aopc_morf",
+    aliases=("aopc", "aopc-morf"),
+    kind="faithfulness",
+    higher_is_better=True,
+    scale_free=True,
 )(_aopc_metric("morf"))
 aopc_morf.__doc__ = "AOPC over the MoRF curve (Samek et al.): mean score drop as the most relevant regions go first."
 
 aopc_lerf = METRICS.register(
-    "aopc_lerf", aliases=("aopc-lerf",), kind="faithfulness", higher_is_better=False
+    "aopc_lerf",
+    aliases=("aopc-lerf",),
+    kind="faithfulness",
+    higher_is_better=False,
+    scale_free=True,
 )(_aopc_metric("lerf"))
 aopc_lerf.__doc__ = "AOPC over the LeRF curve: mean score drop as the least relevant regions go first (lower is better)."
 
 
-@METRICS.register("abpc", kind="faithfulness", higher_is_better=True)
+@METRICS.register("abpc", kind="faithfulness", higher_is_better=True, scale_free=True)
 @fits_image(region_fits)
 def abpc(
     ctx: MetricContext,

@@ -164,7 +164,12 @@ def _scores(value: torch.Tensor, which: str = "masks") -> Scores:
 
 
 @METRICS.register(
-    "pointing_game", kind="localization", higher_is_better=True, needs=("masks",), version=2
+    "pointing_game",
+    kind="localization",
+    higher_is_better=True,
+    needs=("masks",),
+    version=2,
+    scale_free=True,
 )
 def pointing_game(ctx: MetricContext, *, ties: Ties = "share") -> Scores:
     """Pointing game: 1 if the map's maximum lies in the lesion mask, else 0 (tied maxima:
@@ -173,32 +178,48 @@ def pointing_game(ctx: MetricContext, *, ties: Ties = "share") -> Scores:
 
 
 @METRICS.register(
-    "energy_pointing_game", kind="localization", higher_is_better=True, needs=("masks",)
+    "energy_pointing_game",
+    kind="localization",
+    higher_is_better=True,
+    needs=("masks",),
+    scale_free=True,
 )
 def energy_pointing_game(ctx: MetricContext) -> Scores:
     """Energy pointing game: share of the map's positive mass inside the lesion mask."""
     return _scores(mass_share(ctx.maps, _masks(ctx)))
 
 
-@METRICS.register("iou", kind="localization", higher_is_better=True, needs=("masks",))
+@METRICS.register(
+    "iou", kind="localization", higher_is_better=True, needs=("masks",), scale_free=True
+)
 def iou(ctx: MetricContext, *, threshold: Threshold = "otsu") -> Scores:
     """IoU of the binarized map (Otsu or a fraction of the max) with the lesion mask."""
     return _scores(overlap(ctx.maps, _masks(ctx), threshold=threshold)[0])
 
 
-@METRICS.register("dice", kind="localization", higher_is_better=True, needs=("masks",))
+@METRICS.register(
+    "dice", kind="localization", higher_is_better=True, needs=("masks",), scale_free=True
+)
 def dice(ctx: MetricContext, *, threshold: Threshold = "otsu") -> Scores:
     """Dice of the binarized map (Otsu or a fraction of the max) with the lesion mask."""
     return _scores(overlap(ctx.maps, _masks(ctx), threshold=threshold)[1])
 
 
-@METRICS.register("auprc", kind="localization", higher_is_better=True, needs=("masks",))
+@METRICS.register(
+    "auprc", kind="localization", higher_is_better=True, needs=("masks",), scale_free=True
+)
 def auprc(ctx: MetricContext) -> Scores:
     """Pixel average precision of the map as a score for the lesion mask."""
     return _scores(average_precision(ctx.maps, _masks(ctx)))
 
 
-@METRICS.register("organ_mass", kind="localization", higher_is_better=True, needs=("organ_masks",))
+@METRICS.register(
+    "organ_mass",
+    kind="localization",
+    higher_is_better=True,
+    needs=("organ_masks",),
+    scale_free=True,
+)
 def organ_mass(ctx: MetricContext) -> Scores:
     """Share of the map's positive mass inside the organ mask (e.g. the lungs)."""
     return _scores(mass_share(ctx.maps, _masks(ctx, "organ_masks")), "organ_masks")

@@ -96,3 +96,43 @@ def test_gap_head_iff_cam_applies(name):
     else:
         with pytest.raises(NotApplicable):
             cam(model, x, TARGET, layer=info.default_layer)
+
+
+NARROW = {"resnet18": {"width": 16}, "densenet121": {"growth": 8}, "vgg16_bn": {"width": 16}}
+
+
+@pytest.mark.parametrize("name", sorted(NARROW))
+def test_narrow_variant_is_the_same_network_at_a_quarter_of_the_channels(name):
+    """``width`` / ``growth`` at a quarter of torchvision's value keep every layer, block and
+    connection of the architecture: the same modules in the same order, each convolution
+    with a quarter of the default's output channels (the first one's input excepted), and
+    the same map size at the default layer; CAM still applies exactly where it did."""
+    wide = build_model(name, in_channels=1, num_classes=2)
+    narrow = build_model(name, in_channels=1, num_classes=2, **NARROW[name])
+    kinds = [(n, type(m).__name__) for n, m in wide.named_modules()]
+    assert kinds == [(n, type(m).__name__) for n, m in narrow.named_modules()]
+    convs = [
+        (a, b)
+        for a, b in zip(wide.modules(), narrow.modules(), strict=True)
+        if isinstance(a, nn.Conv2d)
+    ]
+    assert len(convs) >= 13
+    for a, b in convs:
+        assert b.out_channels * 4 == a.out_channels
+        assert b.kernel_size == a.kernel_size and b.stride == a.stride
+    layer = MODELS.get(name).info.default_layer
+    x = torch.rand(2, 1, SIZE, SIZE)
+    shapes = []
+    for model in (wide, narrow):
+        seen = {}
+
+        def hook(module, inputs, output, seen=seen):
+            seen["out"] = output.shape  # returns None: the output stays as it is
+
+        handle = model.get_submodule(layer).register_forward_hook(hook)
+        model.eval()(x)
+        handle.remove()
+        shapes.append(seen["out"])
+    assert shapes[0][2:] == shapes[1][2:] and shapes[0][1] == 4 * shapes[1][1]
+    params = [sum(p.numel() for p in m.parameters()) for m in (wide, narrow)]
+    assert params[1] < params[0] / 8

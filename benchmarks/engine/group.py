@@ -40,9 +40,14 @@ from benchmarks.models.zoo import MODELS
 from cams import METHODS
 from cams.gradient_cams import SharedPass
 from datasets import DATASETS
-from metrics import METRICS, MetricContext
+from metrics import METRICS, MetricContext, Scores
 
 EXAMPLES = 4  # evaluation images kept with every method's maps, for figures
+_EMPTY = {  # why a localization metric leaves an image unscored: lesion (True) or organ mask
+    lesion: f"the {'lesion' if lesion else 'organ'} mask is empty (nothing to localize, e.g. "
+    "a normal image)"
+    for lesion in (True, False)
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,65 @@ class Batch:
     masks: torch.Tensor | None
     organ_masks: torch.Tensor | None
     shared: SharedPass
+
+    def present(self, needs: tuple[str, ...]) -> np.ndarray | None:
+        """For a metric that needs masks: which images have a nonempty one (the images it can
+        score, those its ``max_images`` counts); None for a metric that scores every image."""
+        for key in ("masks", "organ_masks"):
+            if key in needs:
+                masks = getattr(self, key)
+                if masks is None:
+                    return None
+                return masks.flatten(1).any(dim=1).cpu().numpy()
+        return None
+
+
+class SameMaps:
+    """The scores of each method's maps of the current batch by every ``scale_free`` metric,
+    given to a later method whose maps equal them up to a positive factor. On a GAP + linear
+    head CAM, Grad-CAM, HiResCAM and XGrad-CAM give one map (Grad-CAM's weights are CAM's
+    divided by the map's size; HiResCAM's and XGrad-CAM's reduce to them): computing a curve
+    again would repeat every forward to return the same numbers. Maps are compared after
+    dividing each by its largest absolute value, within ``tol``: closer than that, the maps
+    differ by float rounding, whose only effect would be to reorder tied pixels. Metrics
+    score each image on its own (the metric contract), so the first n scores of an earlier
+    method that explained more images are the scores of n images."""
+
+    tol = 1e-5
+
+    def __init__(self) -> None:
+        self.batch = -1
+        self.maps: dict[str, torch.Tensor] = {}  # method -> its unit maps of the batch
+        self.scores: dict[tuple[str, str], Any] = {}  # (method, metric) -> Scores
+        self.given: dict[str, set[str]] = {}  # method -> the methods whose scores it got
+
+    def match(self, batch: int, method: str, maps: torch.Tensor) -> str | None:
+        """Note ``method``'s maps of the batch; the earlier method with equal maps, or None."""
+        if batch != self.batch:
+            self.batch, self.maps, self.scores = batch, {}, {}
+        flat = maps.detach().flatten(1).double()
+        unit = flat / flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+        self.maps[method] = unit
+        for other, seen in self.maps.items():
+            if other == method or len(seen) < len(unit) or seen.shape[1:] != unit.shape[1:]:
+                continue
+            if float((seen[: len(unit)] - unit).abs().max()) <= self.tol:
+                return other
+        return None
+
+    def scores_of(self, source: str | None, metric: str, n: int) -> Scores | None:
+        """The first ``n`` scores of ``source``'s maps by ``metric``, or None."""
+        scores = self.scores.get((source, metric)) if source else None
+        if scores is None or len(scores.values["value"]) < n:
+            return None
+        return Scores(
+            values={k: np.asarray(v)[:n] for k, v in scores.values.items()},
+            curves={k: np.asarray(v)[:n] for k, v in scores.curves.items()},
+            unscored=scores.unscored,
+        )
+
+    def keep(self, method: str, metric: str, scores: Scores) -> None:
+        self.scores[(method, metric)] = scores
 
 
 def load_dataset(plan: GroupPlan, split: str):
@@ -256,6 +320,7 @@ class GroupState:
         self.examples: dict[str, np.ndarray] = {}
         self.seconds: dict[str, float] = {}  # wall time per "method" and "method / metric"
         self.mask_areas: list[float] = []
+        self.same_maps = SameMaps()
 
     def note_masks(self, batch: Batch) -> None:
         """The lesion area fraction of each image with a nonempty mask: its mean is the
@@ -276,14 +341,37 @@ class GroupState:
             if self.cells[(method.label, k.label)].status is Status.PLANNED
         ]
 
-    def take(self, entry: Component, key: Any, available: int) -> int:
-        """How many of the ``available`` images the entry takes now, within its
-        ``max_images`` (the first images of the draw)."""
-        already = self.taken.get(key, 0)
+    def wants(
+        self, entry: Component, key: Any, available: int, counted: np.ndarray | None = None
+    ) -> int:
+        """How many of the ``available`` first images of the batch the entry would take now,
+        within its ``max_images`` (the first images of the draw). With ``counted`` (which
+        images the entry can score: those with a mask, for a localization metric) the cap
+        counts those only, and the entry takes the images up to its last counted one."""
         cap = entry.max_images
-        n = available if cap is None else max(0, min(available, cap - already))
-        self.taken[key] = already + n
+        left = None if cap is None else max(0, cap - self.taken.get(key, 0))
+        if counted is None:
+            return available if left is None else min(available, left)
+        hits = np.flatnonzero(counted[:available])
+        if left is not None and left < len(hits):
+            hits = hits[:left]
+        return int(hits[-1]) + 1 if len(hits) else 0
+
+    def take(
+        self, entry: Component, key: Any, available: int, counted: np.ndarray | None = None
+    ) -> int:
+        """``wants``, and count what it takes."""
+        n = self.wants(entry, key, available, counted)
+        self.taken[key] = self.taken.get(key, 0) + (
+            n if counted is None else int(counted[:n].sum())
+        )
         return n
+
+    def unscored(self, method: str, metric: str, n: int, why: str) -> None:
+        """``n`` images the metric of ``method`` was not given because it cannot score them."""
+        count = self.scored.setdefault((method, metric), [0, 0, ""])
+        count[1] += n
+        count[2] = count[2] or why
 
     def learn(self, method: str, metrics: list[Component], status: Status, reason: str) -> None:
         for k in metrics:
@@ -355,6 +443,9 @@ class GroupState:
             {
                 **report,
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                # methods whose maps equalled an earlier method's (up to a positive factor):
+                # their scale-free metrics are that method's scores
+                "same_maps": {k: sorted(v) for k, v in self.same_maps.given.items()},
                 **(
                     {
                         "lesion_area": {
@@ -418,8 +509,13 @@ def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n
     """Every pending metric of method ``m`` on its maps of the batch's first ``n_m`` images;
     ``fn`` re-explains for the metrics that need the explainer."""
     plan = state.plan
+    same = state.same_maps.match(batch.index, m.label, maps)
     for k in state.pending(m):
-        n = state.take(k, (m.label, k.label), n_m)
+        info = METRICS.get(k.use).info
+        counted = batch.present(info.needs)
+        n = state.take(k, (m.label, k.label), n_m, counted)
+        if counted is not None and n < n_m and not counted[n:n_m].any():
+            state.unscored(m.label, k.label, n_m - n, _EMPTY["masks" in info.needs])
         if n == 0:
             continue
         ctx = MetricContext(
@@ -436,6 +532,13 @@ def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n
             seed=plan.seed,
             batch_size=plan.eval.forward_batch,
         )
+        # a scale-free metric of maps already scored (the same map by another method): its
+        # scores, the same numbers without the forwards (keyed by entry: options included)
+        given = state.same_maps.scores_of(same, k.label, n) if info.scale_free else None
+        if given is not None:
+            state.same_maps.given.setdefault(m.label, set()).add(same)
+            state.record(batch, n, m.label, k.label, given)
+            continue
         start = time.perf_counter()
         try:
             scores = METRICS.get(k.use).obj(ctx, **k.options)
@@ -450,7 +553,21 @@ def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n
             continue
         finally:
             state.timed(f"{m.label} / {k.label}", start)
+        if info.scale_free:
+            state.same_maps.keep(m.label, k.label, scores)
         state.record(batch, n, m.label, k.label, scores)
+
+
+def images_wanted(state: GroupState, batch: Batch, m: Component) -> int:
+    """How many of the batch's first images method ``m`` explains: as many as its pending
+    metrics take (a metric past its ``max_images`` takes none; a localization metric takes
+    the images up to its last masked one), within the method's own ``max_images``."""
+    available = state.wants(m, m.label, len(batch.x))
+    wanted = [
+        state.wants(k, (m.label, k.label), available, batch.present(METRICS.get(k.use).info.needs))
+        for k in state.pending(m)
+    ]
+    return state.take(m, m.label, max(wanted, default=0))
 
 
 def run_group(spec: GroupSpec) -> GroupResult:
@@ -468,9 +585,8 @@ def run_group(spec: GroupSpec) -> GroupResult:
     for batch in batches(prep, plan, torch.device(spec.device)):
         state.note_masks(batch)
         for m in plan.methods:
-            # an entry's max_images caps the images it sees: the first ones of the draw
-            n = state.take(m, m.label, len(batch.x))
-            if state.pending(m) and n:
+            n = images_wanted(state, batch, m)
+            if n:
                 fn = explainers[m.label]
                 start = time.perf_counter()
                 maps = explain(state, prep, batch, m, n, fn)

@@ -105,18 +105,46 @@ def _torchvision_classifier(features: nn.Module, head: nn.Module, in_channels: i
     return Classifier(Normalize(in_channels), features, head)
 
 
+def _init_like_torchvision(net: nn.Module) -> None:
+    """torchvision's initialization of its CNNs: He-normal convolutions (fan-out), BN at
+    1 and 0, linear layers N(0, 0.01): the narrow variants start as the originals do."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
 @MODELS.register(
     "resnet18", default_layer="features.layer4", gap_head=True, family="resnet", version=2
 )
-def resnet18(*, in_channels: int, num_classes: int) -> Classifier:
+def resnet18(*, in_channels: int, num_classes: int, width: PositiveInt = 64) -> Classifier:
     """torchvision ResNet-18 for small inputs: 3x3 stride-2 stem, no max-pool, ``layer4`` at
     stride 1, so ``layer4`` keeps 1/8 of the input (8x8 at 64 px); GAP + linear head (CAM
     applies). Of the ways to reach 1/8, this one does the least work at full resolution:
-    a training step costs 0.39x that of a stride-1 stem at 64 px on a 2-core CPU."""
+    a training step costs 0.39x that of a stride-1 stem at 64 px on a 2-core CPU.
+
+    width: channels of the stem and ``layer1`` (64 in ResNet-18; the stages double it). At
+    16 the network has the same depth, blocks and skips with 1/16 of the multiply-adds
+    (0.7 M parameters instead of 11.2 M): the size of the CIFAR ResNets, for 32 px inputs."""
     from torchvision.models import resnet18 as tv_resnet18
+    from torchvision.models.resnet import BasicBlock
 
     net = tv_resnet18(weights=None, num_classes=num_classes)
-    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=2, padding=1, bias=False)
+    if width != 64:
+        net.inplanes = width
+        for i, stride in enumerate((1, 2, 2, 2), start=1):
+            setattr(net, f"layer{i}", net._make_layer(BasicBlock, width << (i - 1), 2, stride))
+        net.bn1 = nn.BatchNorm2d(width)
+        net.fc = nn.Linear(8 * width, num_classes)
+        _init_like_torchvision(net)
+    net.conv1 = nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=False)
     net.maxpool = nn.Identity()
     block = net.layer4[0]
     block.conv1.stride = (1, 1)
@@ -144,36 +172,50 @@ class _DenseHead(nn.Module):
 @MODELS.register(
     "densenet121", default_layer="features", gap_head=True, family="densenet", version=2
 )
-def densenet121(*, in_channels: int, num_classes: int) -> Classifier:
+def densenet121(*, in_channels: int, num_classes: int, growth: PositiveInt = 32) -> Classifier:
     """torchvision DenseNet-121 for small inputs: 3x3 stride-2 stem, no first pool, no pool in
     the last transition (1/8 of the input at ``features``: 8x8 at 64 px; a training step
     costs 0.21x that of a stride-1 stem); the head keeps torchvision's functional in-place
-    ReLU, so ``features`` is pre-ReLU (see cams.hooks)."""
-    from torchvision.models import densenet121 as tv_densenet121
+    ReLU, so ``features`` is pre-ReLU (see cams.hooks).
 
-    net = tv_densenet121(weights=None, num_classes=num_classes)
-    net.features.conv0 = nn.Conv2d(in_channels, 64, 3, stride=2, padding=1, bias=False)
+    growth: the growth rate (32 in DenseNet-121; the stem has twice as many channels). At 8
+    the network keeps its 121 layers and dense connections with 1024 / 4 = 256 channels at
+    ``features`` (0.45 M parameters instead of 7.0 M)."""
+    from torchvision.models import DenseNet
+
+    net = DenseNet(growth, (6, 12, 24, 16), 2 * growth, num_classes=num_classes)
+    net.features.conv0 = nn.Conv2d(in_channels, 2 * growth, 3, stride=2, padding=1, bias=False)
     net.features.pool0 = nn.Identity()
     net.features.transition3.pool = nn.Identity()
     return _torchvision_classifier(net.features, _DenseHead(net.classifier), in_channels)
 
 
 @MODELS.register("vgg16_bn", default_layer="features", gap_head=False, family="vgg")
-def vgg16_bn(*, in_channels: int, num_classes: int, hidden: PositiveInt = 512) -> Classifier:
+def vgg16_bn(
+    *, in_channels: int, num_classes: int, hidden: PositiveInt = 512, width: PositiveInt = 64
+) -> Classifier:
     """torchvision VGG-16-BN for small inputs: the last two max-pools dropped (1/8 of the input
     at ``features``), flatten + fully-connected head kept (CAM does not apply, as in the
-    papers), hidden width ``hidden`` instead of 4096 and a 2x2 adaptive pool before it."""
-    from torchvision.models import vgg16_bn as tv_vgg16_bn
+    papers), hidden width ``hidden`` instead of 4096 and a 2x2 adaptive pool before it.
 
-    net = tv_vgg16_bn(weights=None)
-    layers = list(net.features)
-    layers[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
+    width: channels of the first block (64 in VGG-16; the blocks double it up to 8 x width).
+    At 16 the 13 convolutions keep their layout with 1/16 of the multiply-adds."""
+    from torchvision.models import vgg16_bn as tv_vgg16_bn
+    from torchvision.models.vgg import cfgs, make_layers
+
+    if width == 64:
+        layers = list(tv_vgg16_bn(weights=None).features)
+    else:
+        cfg = [c if c == "M" else c * width // 64 for c in cfgs["D"]]
+        layers = list(make_layers(cfg, batch_norm=True))
+        _init_like_torchvision(nn.Sequential(*layers))
+    layers[0] = nn.Conv2d(in_channels, width, 3, padding=1)
     pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
     features = nn.Sequential(*[m for i, m in enumerate(layers) if i not in pools[-2:]])
     head = nn.Sequential(
         nn.AdaptiveAvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(512 * 4, hidden),
+        nn.Linear(8 * width * 4, hidden),
         nn.ReLU(),
         nn.Dropout(0.5),
         nn.Linear(hidden, hidden),

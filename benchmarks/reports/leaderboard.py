@@ -413,12 +413,30 @@ def model_lines(report: dict | None, flag: str) -> list[str]:
     if not summary:
         return []
     lines = [summary]
+    if line := same_maps_line(report.get("same_maps") or {}):
+        lines.append(line)
     if flag:
         lines.append(
             f"**Warning: {flag}. This model has not learned the task, so its results are no "
             "evidence about the explanation methods.**"
         )
     return lines
+
+
+def same_maps_line(same: dict[str, list[str]]) -> str:
+    """Which methods gave another method's maps (equal up to a positive factor) on this model,
+    and so share its scale-free scores ("" when none did)."""
+    by_source: dict[str, list[str]] = {}
+    for method, sources in same.items():
+        by_source.setdefault(", ".join(sources), []).append(method)
+    if not by_source:
+        return ""
+    parts = [f"{', '.join(sorted(ms))} gave {src}'s maps" for src, ms in sorted(by_source.items())]
+    return (
+        f"Same maps: {'; '.join(parts)} (equal up to a positive factor, as the CAM family's "
+        "are on a GAP + linear head): their faithfulness, localization and complexity scores "
+        "are computed once and shared, so they tie."
+    )
 
 
 def seed_findings(table: pd.DataFrame, entries: dict[str, str]) -> list[str]:
