@@ -351,6 +351,7 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
     notes += [
         f"dataset {name} skipped: {why}" for name, why in sorted(manifest.skipped_datasets.items())
     ]
+    notes += [f"{m} x {d} left out by the suite: {why}" for m, d, why in plan.left_out]
     # the model comparison of the X-ray study: accuracy, recall, F1 beside AOPC
     aopc = [c.label for c in suite.metrics if c.use == "aopc_morf"]
     compare = next((c.label for c in suite.metrics if c.options.get("correct_only")), None)

@@ -36,6 +36,7 @@ mask); ``noisy_linear_imputation`` is its pure function, taking the mask of remo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,21 @@ NEIGHBOUR_WEIGHTS: tuple[tuple[tuple[int, int], float], ...] = (
 DEFAULT_PERCENTAGES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+@functools.lru_cache(maxsize=16)
+def _neighbours(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's 8 neighbours on an H x W grid, as flat indices (H*W, 8) and weights
+    (H*W, 8), the weight 0 (and the index 0) where the neighbour is outside the image."""
+    row, col = np.divmod(np.arange(h * w), w)
+    index = np.zeros((h * w, len(NEIGHBOUR_WEIGHTS)), dtype=np.int64)
+    weight = np.zeros((h * w, len(NEIGHBOUR_WEIGHTS)))
+    for j, ((dr, dc), wt) in enumerate(NEIGHBOUR_WEIGHTS):
+        r2, c2 = row + dr, col + dc
+        inside = (r2 >= 0) & (r2 < h) & (c2 >= 0) & (c2 < w)
+        index[:, j] = np.where(inside, r2 * w + c2, 0)
+        weight[:, j] = np.where(inside, wt, 0.0)
+    return index, weight
+
+
 def linear_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     """Noise-free linear imputation of one image (C, H, W) where ``removed`` (H, W) is True.
 
@@ -85,27 +101,20 @@ def linear_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
         raise UserError("cannot impute an image with every pixel removed; keep at least one pixel")
     variable = np.full(h * w, -1, dtype=np.int64)
     variable[unknown] = np.arange(n)
-    row, col = np.divmod(unknown, w)
-    diag = np.zeros(n)
-    rhs = np.zeros((n, c))
-    rows, cols, vals = [], [], []
-    for (dr, dc), weight in NEIGHBOUR_WEIGHTS:
-        r2, c2 = row + dr, col + dc
-        inside = (r2 >= 0) & (r2 < h) & (c2 >= 0) & (c2 < w)
-        eq = np.flatnonzero(inside)  # equations (removed pixels) with this neighbour
-        nb = r2[inside] * w + c2[inside]
-        diag[eq] += weight
-        nb_removed = flat_removed[nb]
-        rows.append(eq[nb_removed])
-        cols.append(variable[nb[nb_removed]])
-        vals.append(np.full(int(nb_removed.sum()), -weight))
-        # Each equation appears at most once per offset, so fancy-index += does not drop terms.
-        rhs[eq[~nb_removed]] += weight * out[:, nb[~nb_removed]].T
-    rows.append(np.arange(n))
-    cols.append(np.arange(n))
-    vals.append(diag)
+    index, weight = _neighbours(h, w)
+    nb, wt = index[unknown], weight[unknown]  # (n, 8): the equations' neighbours
+    coupled = flat_removed[nb] & (wt > 0)  # removed neighbours: the off-diagonal terms
+    rhs = np.einsum("nk,cnk->nc", np.where(coupled, 0.0, wt), out[:, nb])  # known neighbours
+    eq = np.broadcast_to(np.arange(n)[:, None], nb.shape)
     system = csc_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+        (
+            np.concatenate([-wt[coupled], wt.sum(axis=1)]),
+            (
+                np.concatenate([eq[coupled], np.arange(n)]),
+                np.concatenate([variable[nb[coupled]], np.arange(n)]),
+            ),
+        ),
+        shape=(n, n),
     )
     lu = splu(
         system,

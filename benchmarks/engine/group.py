@@ -35,6 +35,7 @@ from benchmarks.engine.plan import Cell, GroupPlan, Status
 from benchmarks.engine.progress import Progress, log
 from benchmarks.engine.store import CELL_COLUMNS, CURVE_COLUMNS, ROW_COLUMNS
 from benchmarks.engine.suite import Component, option_names
+from benchmarks.models.external import AUTO, auto_layer
 from benchmarks.models.training import check_finite, get_trained_model
 from benchmarks.models.zoo import MODELS
 from cams import METHODS
@@ -266,6 +267,8 @@ def prepare(spec: GroupSpec) -> Prepared:
     layer = mc.layer or MODELS.get(mc.use).info.default_layer
     n_eval = min(plan.eval.max_images, len(eval_set))
     indices = np.sort(np.random.default_rng(plan.seed).permutation(len(eval_set))[:n_eval])
+    if layer == AUTO:  # the last spatial feature map, found on one evaluation image
+        layer = auto_layer(model, eval_set[int(indices[0])]["image"][None].to(spec.device))
     report = {**trained.report, "layer": layer, "n_eval": n_eval}
     return Prepared(model, layer, eval_set, indices, report)
 

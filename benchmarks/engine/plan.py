@@ -123,6 +123,9 @@ class GroupPlan:
 class Plan:
     suite: Suite
     groups: tuple[GroupPlan, ...]
+    # (model, dataset, reason) of the pairs whose every cell the suite excludes: no model is
+    # trained for them and no group is run
+    left_out: tuple[tuple[str, str, str], ...] = ()
 
     def missing_data(self) -> dict[str, str]:
         """Dataset label -> why its data is missing, for the datasets whose data is."""
@@ -234,19 +237,27 @@ def _checkpoint(model: Component) -> dict[str, str]:
     return {"checkpoint_sha256": digest.hexdigest()}
 
 
+LEFT_OUT = (Status.EXCLUDED, Status.NOT_APPLICABLE)  # a group of only these is not run
+
+
 def make_plan(suite: Suite, *, data_root: str | None) -> Plan:
     """The plan of a suite: per (dataset, model) group in suite order, its cells with their
     statuses and its fingerprint; reads no data and trains nothing."""
-    groups = []
+    groups, left_out = [], []
     for dc in suite.datasets:
         data, root = _data(dc, data_root)
         for mc in suite.model_entries():
+            cells = _cells(suite, mc, dc, data)
+            excluded = [c for c in cells if c.status is Status.EXCLUDED]
+            if excluded and all(c.status in LEFT_OUT for c in cells):  # nothing would run
+                left_out.append((mc.label, dc.label, excluded[0].reason))
+                continue
             group = GroupPlan(
                 model=mc,
                 dataset=dc,
                 methods=suite.methods,
                 metrics=suite.metrics,
-                cells=_cells(suite, mc, dc, data),
+                cells=cells,
                 data=data,
                 root=root,
                 train=train_config(suite, mc, dc),
@@ -254,7 +265,7 @@ def make_plan(suite: Suite, *, data_root: str | None) -> Plan:
                 seed=suite.seed,
             )
             groups.append(dataclasses.replace(group, fingerprint=fingerprint(group)))
-    return Plan(suite, tuple(groups))
+    return Plan(suite, tuple(groups), tuple(left_out))
 
 
 def format_plan(plan: Plan) -> str:
@@ -282,6 +293,10 @@ def format_plan(plan: Plan) -> str:
         for (status, reason), n in reasons.items():
             lines.append(f"  {status.value.replace('_', ' ')} ({n} cells): {reason}")
         lines += [f"  expected at run time: {hint}" for hint in _hints(g)]
+    for model, dataset, reason in plan.left_out:
+        lines.append(
+            f"\n{model} x {dataset}: left out by the suite (every cell excluded): {reason}"
+        )
     lines.append("\npasses per image and method (F forward, B backward):")
     for m in suite.methods:
         lines.append(f"  {m.label:<24} {METHODS.get(m.use).info.cost}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from benchmarks.core.checks import (
     PositiveInt,
 )
 from benchmarks.core.errors import UserError
-from benchmarks.core.files import atomic_write
+from benchmarks.core.files import atomic_write, file_digest
 from benchmarks.models.zoo import MODELS, build_model
 from datasets.base import DATASETS, ImageDataset
 
@@ -86,11 +87,14 @@ def cache_key(
     seed: int,
     fingerprint: str = "",
 ) -> str:
+    info = MODELS.get(model_name).info
     blob = json.dumps(
         {
             "data": fingerprint,
             "model": model_name,
-            "model_version": MODELS.get(model_name).info.version,
+            "model_version": info.version,
+            # a model named by import path: its library version or source hash
+            **({"model_source": info.source} if info.source else {}),
             "dataset": dataset_name,
             "dataset_version": DATASETS.get(dataset_name).info.version,
             "dataset_options": dataset_options,
@@ -306,7 +310,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, what: str) -> None:
         detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise UserError(
             f"{what}: checkpoint {str(path)!r} does not load ({detail}); expected a state dict "
-            "of this zoo model, saved with torch.save(model.state_dict(), path)"
+            "of this model, saved with torch.save(model.state_dict(), path)"
         ) from None
 
 
@@ -352,15 +356,20 @@ def get_trained_model(
         _with_validation(report, model, val_set, device)
         return TrainedModel(model, report, Path(checkpoint))
 
+    keyed = dict(model_options)
+    weights = keyed.get("weights")
+    if isinstance(weights, str) and Path(weights).expanduser().is_file():  # its content counts
+        keyed["weights_sha256"] = file_digest(Path(weights).expanduser())[0]
     key = cache_key(
         model_name,
         dataset_name,
-        {**dataset_options, **{f"model.{k}": v for k, v in model_options.items()}},
+        {**dataset_options, **{f"model.{k}": v for k, v in keyed.items()}},
         config,
         seed,
         data_fingerprint(train_set),
     )
-    stem = Path(cache_dir) / "models" / f"{model_name}--{dataset_name}--{key}"
+    safe = re.sub(r"[^\w.-]", "_", model_name)  # "torchvision:densenet121" -> a file name
+    stem = Path(cache_dir) / "models" / f"{safe}--{dataset_name}--{key}"
     ckpt, report_path = stem.with_suffix(".pt"), stem.with_suffix(".report.json")
     if ckpt.exists() and report_path.exists():
         what = f"{model_name} on {dataset_name}"

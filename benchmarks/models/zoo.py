@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from benchmarks.core.checks import PositiveInt
-from benchmarks.core.registry import Registry
+from benchmarks.core.registry import Entry, Registry
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,40 @@ class ModelInfo:
     default_layer: dotted name of the target layer the CAM methods explain by default.
     gap_head: the classifier is global average pooling + one linear layer (CAM applies).
     version: bump when the architecture or its adaptation changes (invalidates the cache).
+    source: where a model named by import path comes from, with its version or the hash of
+        its source file (part of the model cache key; see ``benchmarks.models.external``).
     """
 
     default_layer: str
     gap_head: bool
     family: str = "cnn"
     version: int = 1
+    source: str = ""
 
 
-MODELS: Registry[ModelInfo] = Registry("model", ModelInfo)
+class ModelRegistry(Registry[ModelInfo]):
+    """The zoo, and models named by import path ("torchvision:densenet121",
+    "my_package.models:build"), registered on first use (``benchmarks.models.external``)."""
+
+    def _external(self, name: object) -> None:
+        if isinstance(name, str) and ":" in name and name not in self._aliases:
+            from benchmarks.models.external import resolve
+
+            build, source = resolve(name)
+            self.add(
+                name, build, default_layer="auto", gap_head=False, family="external", source=source
+            )
+
+    def get(self, name: str) -> Entry[ModelInfo]:
+        self._external(name)
+        return super().get(name)
+
+    def __contains__(self, name: object) -> bool:
+        self._external(name)
+        return super().__contains__(name)
+
+
+MODELS: ModelRegistry = ModelRegistry("model", ModelInfo)
 
 
 class Normalize(nn.Module):

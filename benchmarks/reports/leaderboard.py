@@ -59,7 +59,10 @@ FAMILIES = (  # the leaderboard's tables, in this order; cost has a table of its
     "complexity",
     "other",
 )
-UNITS = {"time": "s per image", "memory": "MiB per batch"}  # of the cost metrics, by use
+UNITS = {  # of the cost metrics, by use
+    "time": "s per image, the median of the metric's repeated timings of its batch",
+    "memory": "MiB per batch",
+}
 
 
 def bootstrap_ci(

@@ -81,12 +81,16 @@ def differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return d
 
 
-def paired_test(a: np.ndarray, b: np.ndarray, *, seed: int) -> Paired:
+def paired_test(a: np.ndarray, b: np.ndarray, *, seed: int, ci: bool = True) -> Paired:
     """Compare paired scores ``a`` and ``b`` (same images, same order; higher = better:
-    negate both for a lower-is-better metric). See the module docstring for the rules."""
+    negate both for a lower-is-better metric). See the module docstring for the rules.
+    ``ci=False`` skips the bootstrap interval of the median (the interval is the median)."""
     d = differences(a, b)
     n = len(d)
-    median, lo, hi = median_ci(d, seed=seed)
+    if ci:
+        median, lo, hi = median_ci(d, seed=seed)
+    else:
+        median = lo = hi = float(np.median(d)) if n else 0.0
     mean = float(d.mean()) if n else 0.0
     if n < MIN_PAIRS:
         return Paired(n, "too few images", None, mean, median, lo, hi)
@@ -245,12 +249,14 @@ def _compare_table(dataset, model, metric, wide, randoms: set[str], seed: int) -
     # the reference: the method labelled "random" if it is one, else the first random one
     ref = "random" if "random" in methods and "random" in randoms else None
     ref = ref or next((m for m in methods if m in randoms), None)
+    values = {m: wide[m].to_numpy(dtype=np.float64) for m in methods}  # pairs by numpy masks
     out = []
     for i, m in enumerate(methods):
         rank = 1 + sum(means[o] - means[m] > TOLERANCE * scale for o in ranked)
         rank = rank if m in ranked else 0
-        vs_ref = _pair(wide, m, ref, seed + i) if ref and m != ref else None
-        vs_best = _pair(wide, m, best, seed + 1000 + i) if best and m != best else None
+        vs_ref = _pair(values, m, ref, seed + i) if ref and m != ref else None
+        # against the best only its adjusted p is reported: no interval to bootstrap
+        vs_best = _pair(values, m, best, seed + 1000 + i, ci=False) if best and m != best else None
         out.append(
             dict(
                 dataset=dataset,
@@ -279,9 +285,10 @@ def _compare_table(dataset, model, metric, wide, randoms: set[str], seed: int) -
     return out
 
 
-def _pair(wide, a: str, b: str, seed: int) -> Paired:
-    both = wide[[a, b]].dropna()
-    return paired_test(both[a].to_numpy(), both[b].to_numpy(), seed=seed)
+def _pair(values: dict[str, np.ndarray], a: str, b: str, seed: int, ci: bool = True) -> Paired:
+    """The paired test of methods ``a`` and ``b`` on the images both scored."""
+    both = ~np.isnan(values[a]) & ~np.isnan(values[b])
+    return paired_test(values[a][both], values[b][both], seed=seed, ci=ci)
 
 
 def _mark(r) -> str:

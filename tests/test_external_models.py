@@ -1,0 +1,194 @@
+"""Models from outside the zoo, named by import path in a suite: a user's module with its
+checkpoint, and an unmodified torchvision DenseNet-121 at 224 px fine-tuned from a weights
+file. Checked against captum's LayerGradCam on the same weights loaded by hand, and
+against the user's own evaluation of the checkpoint."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.core.errors import UserError
+from benchmarks.engine.suite import load_suite
+from benchmarks.models.external import auto_layer
+from benchmarks.run import main
+from datasets import DATASETS
+
+pytestmark = pytest.mark.harness
+
+USER_MODULE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, in_channels, width):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        )
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean(dim=(2, 3)))
+
+
+def build(num_classes, in_channels, width=8):
+    return Net(num_classes, in_channels, width)
+"""
+
+DATA = """
+[datasets.synth-lesion]
+image_size = 32
+n = 64
+"""
+
+
+def run(tmp_path: Path, body: str, name: str = "run") -> Path:
+    suite = tmp_path / f"{name}.toml"
+    suite.write_text(body)
+    out = tmp_path / name
+    cache = tmp_path / "cache"
+    assert (
+        main(["--suite", str(suite), "--out", str(out), "--cache", str(cache), "--no-progress"])
+        == 0
+    )
+    return out
+
+
+def captum_gradcam(model, x, target, layer):
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    attr = LayerGradCam(model, model.get_submodule(layer)).attribute(x, target=target)
+    maps = LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    return F.relu(maps)[:, 0]
+
+
+def minmax(m: torch.Tensor) -> torch.Tensor:
+    flat = m.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).reshape(m.shape)
+
+
+def test_a_users_model_by_import_path_with_its_checkpoint(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_models
+
+    torch.manual_seed(3)
+    net = my_models.build(num_classes=2, in_channels=1, width=6)
+    ckpt = tmp_path / "mine.pt"
+    torch.save(net.state_dict(), ckpt)
+    body = (
+        'name = "mine"\n[eval]\nmax_images = 8\n'
+        f'[models.mine]\nuse = "my_models:build"\nwidth = 6\ncheckpoint = "{ckpt}"\n'
+        + DATA
+        + "[methods.gradcam]\n[metrics.pointing_game]\n"
+    )
+    out = run(tmp_path, body)
+    report = json.loads(next((out / "groups").glob("*/model.json")).read_text())
+    assert report["layer"] == "body"  # "auto": the last spatial map, its outermost module
+    # the user's own evaluation of the checkpoint: the same accuracy
+    test = DATASETS.get("synth-lesion").obj(split="test", image_size=32, n=64)
+    x = torch.stack([test[i]["image"] for i in range(len(test))])
+    y = torch.tensor([test[i]["label"] for i in range(len(test))])
+    net.eval()
+    with torch.no_grad():
+        acc = (net(x).argmax(1) == y).float().mean().item()
+    assert report["accuracy"] == pytest.approx(acc)
+    # Grad-CAM of the run = captum's on the hand-loaded checkpoint
+    ex = np.load(next((out / "groups").glob("*/examples.npz")))
+    xs = torch.from_numpy(ex["images"])
+    with torch.no_grad():
+        target = net(xs).argmax(1)
+    ref = captum_gradcam(net, xs, target, "body")
+    torch.testing.assert_close(
+        minmax(torch.from_numpy(ex["maps__gradcam"])), minmax(ref), atol=1e-4, rtol=0
+    )
+
+
+def test_torchvision_densenet121_fine_tuned_from_a_weights_file_at_224_px(tmp_path):
+    """Unmodified torchvision DenseNet-121, random weights saved to a file and given as
+    ``weights``: fine-tuned (one epoch at a learning rate too small to move them), resized
+    to 224 px inside the model, explained at its ``features`` by Grad-CAM, scored by AOPC."""
+    import torchvision
+
+    torch.manual_seed(0)
+    start = torchvision.models.densenet121(num_classes=1000)
+    weights = tmp_path / "dn.pt"
+    torch.save(start.state_dict(), weights)
+    body = (
+        'name = "tv"\n[eval]\nmax_images = 2\nbatch_size = 2\n'
+        "[train]\nepochs = 1\nlr = 1e-12\nbatch_size = 32\n"
+        f'[models.dn]\nuse = "torchvision:densenet121"\nweights = "{weights}"\n'
+        + DATA.replace("n = 64", "n = 32")
+        + "[methods.gradcam]\n[metrics.aopc_morf]\nregion = 8\nsteps = 2\n"
+    )
+    out = run(tmp_path, body)
+    cells = json.loads((out / "manifest.json").read_text())
+    assert cells["status"] == "finished"
+    report = json.loads(next((out / "groups").glob("*/model.json")).read_text())
+    assert report["layer"] == "features"
+    ckpt = next((tmp_path / "cache" / "models").glob("torchvision_densenet121--*.pt"))
+    tuned = torch.load(ckpt, weights_only=True)
+    # the file's weights were loaded (all but the 1000-class head, replaced for 2 classes)
+    own = start.state_dict()
+    torch.testing.assert_close(tuned["features.conv0.weight"], own["features.conv0.weight"])
+    assert tuned["classifier.weight"].shape == (2, 1024)
+    # Grad-CAM of the run = captum's on the tuned weights, through the same 224-px input
+    model = torchvision.models.densenet121(num_classes=2)
+    model.load_state_dict(tuned)
+    model.eval()
+    ex = np.load(next((out / "groups").glob("*/examples.npz")))
+    xs = torch.from_numpy(ex["images"])
+    big = F.interpolate(xs.expand(-1, 3, -1, -1), size=(224, 224), mode="bilinear")
+    with torch.no_grad():
+        target = model(big).argmax(1)
+    ref = captum_gradcam(model, big, target, "features")
+    ref = F.interpolate(ref[:, None], size=(32, 32), mode="bilinear")[:, 0]
+    ours = torch.from_numpy(ex["maps__gradcam"])
+    assert ours.shape == (2, 32, 32)
+    # captum's map at 224 px brought to 32 px vs ours from 7 x 7 to 32 px: the same map up
+    # to the resampling path (bilinear both ways); compared by rank correlation
+    from scipy.stats import spearmanr
+
+    for a, b in zip(ours, ref, strict=True):
+        assert spearmanr(a.flatten(), b.flatten()).statistic > 0.95
+
+
+def test_imagenet_weights_never_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    body = 'name = "x"\n[models.dn]\nuse = "torchvision:resnet18"\nweights = "imagenet"\n' + DATA
+    (tmp_path / "s.toml").write_text(body + "[methods.gradcam]\n[metrics.pointing_game]\n")
+    with pytest.raises(UserError, match="not in torch's cache .*nothing is downloaded"):
+        from benchmarks.models.zoo import build_model
+
+        build_model("torchvision:resnet18", in_channels=1, num_classes=2, weights="imagenet")
+
+
+@pytest.mark.parametrize(
+    ("use", "message"),
+    [
+        ("no_such_module_here:build", "cannot import 'no_such_module_here'"),
+        ("torchvision:densenet12", "did you mean: densenet121"),
+        ("json:dumps", "must accept num_classes and in_channels"),
+    ],
+)
+def test_a_model_that_cannot_be_found_is_refused_when_the_suite_loads(tmp_path, use, message):
+    suite = tmp_path / "bad.toml"
+    suite.write_text(f'name = "bad"\n[models.m]\nuse = "{use}"\n' + DATA + "[methods.gradcam]\n")
+    with pytest.raises(UserError, match=message):
+        load_suite(str(suite))
+
+
+def test_auto_layer_is_the_outermost_module_of_the_last_spatial_map():
+    import torchvision
+
+    resnet = torchvision.models.resnet18(num_classes=2)
+    assert auto_layer(resnet, torch.rand(1, 3, 64, 64)) == "layer4"
+    vgg = torchvision.models.vgg11(num_classes=2)
+    assert auto_layer(vgg, torch.rand(1, 3, 64, 64)) == "features"
