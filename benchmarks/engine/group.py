@@ -36,11 +36,12 @@ from benchmarks.engine.progress import Progress, log
 from benchmarks.engine.store import CELL_COLUMNS, CURVE_COLUMNS, ROW_COLUMNS
 from benchmarks.engine.suite import Component, option_names
 from benchmarks.models.external import AUTO, auto_layer
-from benchmarks.models.training import check_finite, get_trained_model
+from benchmarks.models.training import check_finite, evaluate, get_trained_model
 from benchmarks.models.zoo import MODELS
 from cams import METHODS
 from cams.gradient_cams import SharedPass
 from datasets import DATASETS
+from datasets.base import ImageDataset
 from metrics import METRICS, MetricContext, Scores
 
 EXAMPLES = 4  # evaluation images kept with every method's maps, for figures
@@ -168,9 +169,78 @@ class SameMaps:
         self.scores[(method, metric)] = scores
 
 
-def load_dataset(plan: GroupPlan, split: str):
-    dc = plan.dataset
-    return DATASETS.get(dc.use).obj(split, root=plan.root, seed=plan.seed, **dc.options)
+def load_dataset(plan: GroupPlan, split: str, *, source: bool = False):
+    """A split of the group's dataset, or with ``source`` of the dataset its model is
+    trained on (``trained_on``)."""
+    dc, root = (plan.source, plan.source_root) if source else (plan.dataset, plan.root)
+    return DATASETS.get(dc.use).obj(split, root=root, seed=plan.seed, **dc.options)
+
+
+class Relabelled(ImageDataset):
+    """A dataset seen by a model trained on another (external validation): each class maps
+    to the model's class ``classes`` names (evaluation name -> model name), else to the
+    model's class of the same name; images of a class that maps to none are left out and
+    counted (``left_out``). Items are the base dataset's, with the label mapped."""
+
+    def __init__(self, base, model_classes: tuple[str, ...], classes: dict[str, str], what: str):
+        names = list(base.class_names)
+        if unknown := [k for k in classes if k not in names]:
+            raise UserError(
+                f"{what}: classes maps {', '.join(map(repr, unknown))}, which the dataset does "
+                f"not have; its classes: {', '.join(names)}"
+            )
+        if unknown := [v for v in classes.values() if v not in model_classes]:
+            raise UserError(
+                f"{what}: classes maps to {', '.join(map(repr, unknown))}, which the model "
+                f"does not predict; its classes: {', '.join(model_classes)}"
+            )
+        index = {
+            i: model_classes.index(classes.get(n, n))
+            for i, n in enumerate(names)
+            if classes.get(n, n) in model_classes
+        }
+        if not index:
+            raise UserError(
+                f"{what}: none of the dataset's classes ({', '.join(names)}) is one of the "
+                f"model's ({', '.join(model_classes)}); map them with classes = {{ ... }}"
+            )
+        labels = labels_of(base)
+        self.base = base
+        self.keep = np.flatnonzero(np.isin(labels, list(index)))
+        self.labels = torch.tensor([index[int(v)] for v in labels[self.keep]])
+        self.left_out = {
+            names[i]: int((labels == i).sum()) for i in range(len(names)) if i not in index
+        }
+        self.class_names = tuple(model_classes)
+        self.channels = base.channels
+        self.provenance = base.provenance
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.base[int(self.keep[i])])
+        item["label"] = int(self.labels[i])
+        return item
+
+
+def group_data(plan: GroupPlan, split: str):
+    """(training set, ``split`` of the group's dataset): the training set is the model's
+    ``trained_on`` dataset's, the other seen through ``Relabelled``; for a model given by
+    its checkpoint, a dataset without a training split (an evaluation-only one) gives None."""
+    eval_set = load_dataset(plan, split)
+    if plan.source is not None:
+        train_set = load_dataset(plan, "train", source=True)
+        what = f"model {plan.model.label} (trained on {plan.source.label}) on {plan.dataset.label}"
+        return train_set, Relabelled(
+            eval_set, tuple(train_set.class_names), plan.model.classes, what
+        )
+    if plan.model.checkpoint is not None and split != "train":
+        try:
+            return load_dataset(plan, "train"), eval_set
+        except UserError:  # the checkpoint needs no training data
+            return None, eval_set
+    return load_dataset(plan, "train"), eval_set
 
 
 def labels_of(dataset) -> np.ndarray:
@@ -186,10 +256,33 @@ def check_data(plan: GroupPlan, train_set, eval_set) -> None:
     two classes to train on, evaluation labels the training split lacks (the model could
     never predict them), entries whose options do not fit the images (a region as large
     as the image). Each refusal is a ``UserError`` naming the dataset and the fix."""
+    name = plan.dataset.label
+    if train_set is not None:  # None: a checkpoint on an evaluation-only dataset
+        check_classes(plan, train_set, eval_set)
+    hw = tuple(eval_set[0]["image"].shape[-2:])
+    for kind, entries in (("methods", plan.methods), ("metrics", plan.metrics)):
+        for entry in entries:
+            fn = (METHODS if kind == "methods" else METRICS).get(entry.use).obj
+            if problem := image_problem(fn, entry.options, hw):
+                raise UserError(
+                    f"[{kind}.{entry.label}] on dataset {name} ({hw[0]}x{hw[1]} images): {problem}"
+                )
+
+
+def check_classes(plan: GroupPlan, train_set, eval_set) -> None:
+    """At least two training classes; no evaluation label the training split lacks; the
+    same channels when the model comes from another dataset."""
     name, split = plan.dataset.label, plan.eval.split
     source = (train_set.provenance or {}).get("source") or plan.root or "the generator"
     names = tuple(train_set.class_names)
     train = np.unique(labels_of(train_set))
+    if plan.source is not None:
+        name = f"{plan.source.label} (the training data of {plan.model.label})"
+    if plan.source is not None and eval_set.channels != train_set.channels:
+        raise UserError(
+            f"model {plan.model.label}, trained on {plan.source.label} ({train_set.channels} "
+            f"channel(s)), cannot read {plan.dataset.label} ({eval_set.channels} channel(s))"
+        )
     if len(train) < 2:
         only = ", ".join(repr(names[i]) if i < len(names) else str(i) for i in train)
         raise UserError(
@@ -203,28 +296,24 @@ def check_data(plan: GroupPlan, train_set, eval_set) -> None:
             f"dataset {name} ({source}): the {split} split has label(s) {shown} that no "
             "training image has, so the model cannot predict them; fix the labels or the split"
         )
-    hw = tuple(eval_set[0]["image"].shape[-2:])
-    for kind, entries in (("methods", plan.methods), ("metrics", plan.metrics)):
-        for entry in entries:
-            fn = (METHODS if kind == "methods" else METRICS).get(entry.use).obj
-            if problem := image_problem(fn, entry.options, hw):
-                raise UserError(
-                    f"[{kind}.{entry.label}] on dataset {name} ({hw[0]}x{hw[1]} images): {problem}"
-                )
 
 
 def preflight(groups: list[GroupPlan]) -> None:
     """Read and check (``check_data``) every dataset the groups use, once each, before
     any group starts: bad data stops the run before any model is trained, not after the
     groups before it. Missing data is left to the group, which records it as skipped."""
-    seen: set[str] = set()
+    seen: set[tuple] = set()
     for g in groups:
-        if g.missing or g.dataset.label in seen:
+        # a dataset is read once per way it is seen: its own model, a checkpoint (which may
+        # do without its training split), another dataset's model with a class mapping
+        source = g.source.label if g.source else None
+        key = (g.dataset.label, source, g.model.checkpoint, tuple(sorted(g.model.classes.items())))
+        if g.missing or key in seen:
             continue
-        seen.add(g.dataset.label)
+        seen.add(key)
         log(f"checking dataset {g.dataset.label}")
         try:
-            check_data(g, load_dataset(g, "train"), load_dataset(g, g.eval.split))
+            check_data(g, *group_data(g, g.eval.split))
         except DataNotFound:
             continue
 
@@ -235,8 +324,9 @@ def prepare(spec: GroupSpec) -> Prepared:
     if plan.missing:
         raise DataNotFound(plan.data.removeprefix("missing: "))
     split = plan.eval.split
-    train_set, eval_set = load_dataset(plan, "train"), load_dataset(plan, split)
+    train_set, eval_set = group_data(plan, split)
     check_data(plan, train_set, eval_set)
+    source = plan.source or plan.dataset  # the dataset the model is trained on
 
     def val_set():  # loaded only for a report that lacks it
         if split == "val":
@@ -247,13 +337,20 @@ def prepare(spec: GroupSpec) -> Prepared:
             return None
 
     mc = plan.model
+    own = plan.source is None
     trained = get_trained_model(
         mc.use,
-        plan.dataset.use,
-        train_set=train_set,
-        test_set=eval_set if split == "test" else load_dataset(plan, "test"),
-        val_set=val_set,
-        dataset_options=plan.dataset.options,
+        source.use,
+        # shapes (and, for a zoo checkpoint without them, input statistics) from the
+        # evaluation images when there is no training split
+        train_set=train_set if train_set is not None else eval_set,
+        test_set=(
+            (eval_set if split == "test" else load_dataset(plan, "test"))
+            if own
+            else load_dataset(plan, "test", source=True)
+        ),
+        val_set=val_set if own else None,
+        dataset_options=source.options,
         config=plan.train,
         seed=plan.seed + (mc.model_seed or 0),  # the model's own seed: its initial weights
         cache_dir=spec.cache_dir,
@@ -270,6 +367,16 @@ def prepare(spec: GroupSpec) -> Prepared:
     if layer == AUTO:  # the last spatial feature map, found on one evaluation image
         layer = auto_layer(model, eval_set[int(indices[0])]["image"][None].to(spec.device))
     report = {**trained.report, "layer": layer, "n_eval": n_eval}
+    if not own:  # external validation: the model's report is on this dataset's images
+        test = eval_set if split == "test" else group_data(plan, "test")[1]
+        report = {
+            **evaluate(model, test, spec.device),
+            "trained_on": {"dataset": source.label, **trained.report},
+            "left_out_classes": test.left_out,
+            "checkpoint": trained.report.get("checkpoint"),
+            "layer": layer,
+            "n_eval": n_eval,
+        }
     return Prepared(model, layer, eval_set, indices, report)
 
 

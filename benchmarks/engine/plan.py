@@ -102,6 +102,9 @@ class GroupPlan:
     eval: EvalConfig
     seed: int
     fingerprint: str = ""
+    # the dataset the model is trained on when it is another (``trained_on``), and its root
+    source: Component | None = None
+    source_root: str | None = None
 
     @property
     def key(self) -> str:
@@ -215,6 +218,11 @@ def fingerprint_inputs(group: GroupPlan) -> dict[str, Any]:
         "format": FINGERPRINT_FORMAT,
         "model": {**entry_config("models", group.model), **_checkpoint(group.model)},
         "dataset": {**entry_config("datasets", group.dataset), "root": group.root},
+        **(
+            {"trained_on": {**entry_config("datasets", group.source), "root": group.source_root}}
+            if group.source is not None
+            else {}
+        ),
         "train": dataclasses.asdict(group.train),
         "eval": dataclasses.asdict(group.eval),
         "seed": group.seed,
@@ -252,17 +260,27 @@ def make_plan(suite: Suite, *, data_root: str | None) -> Plan:
             if excluded and all(c.status in LEFT_OUT for c in cells):  # nothing would run
                 left_out.append((mc.label, dc.label, excluded[0].reason))
                 continue
+            source, source_root, trained, group_data = None, None, dc, data
+            if mc.trained_on not in (None, dc.label):  # trained on another dataset entry
+                source = next(d for d in suite.sources if d.label == mc.trained_on)
+                source_data, source_root = _data(source, data_root)
+                if source_data.startswith("missing"):  # no model without its training data
+                    group_data = source_data
+                    cells = _cells(suite, mc, dc, group_data)
+                trained = source
             group = GroupPlan(
                 model=mc,
                 dataset=dc,
                 methods=suite.methods,
                 metrics=suite.metrics,
                 cells=cells,
-                data=data,
+                data=group_data,
                 root=root,
-                train=train_config(suite, mc, dc),
+                train=train_config(suite, mc, trained),
                 eval=suite.eval,
                 seed=suite.seed,
+                source=source,
+                source_root=source_root,
             )
             groups.append(dataclasses.replace(group, fingerprint=fingerprint(group)))
     return Plan(suite, tuple(groups), tuple(left_out))

@@ -90,12 +90,15 @@ TOP_TYPES = {  # the types of the top-level values (tables are checked entry by 
 #             model_seed (trains the model from seed + model_seed: another draw of the
 #             weights on the same data and evaluation images; set by --model-seeds),
 #             train (TrainConfig overrides for this model), train_on (a table of dataset
-#             label -> TrainConfig overrides for this model on that dataset)
+#             label -> TrainConfig overrides for this model on that dataset), trained_on
+#             (the dataset label the model is trained or loaded for, then explained on
+#             every dataset of the suite: external validation), classes (evaluation class
+#             name -> the model's class name, for the datasets it was not trained on)
 #   datasets: root (data directory), train (TrainConfig overrides for this dataset)
 #   methods, metrics: max_images (the entry sees only the first N evaluation images of each
 #             (model, dataset): for costly methods and metrics; n is reported per cell)
 ENTRY_KEYS = {
-    "models": ("layer", "checkpoint", "train", "train_on", "model_seed"),
+    "models": ("layer", "checkpoint", "train", "train_on", "model_seed", "trained_on", "classes"),
     "datasets": ("root", "train"),
     "methods": ("max_images",),
     "metrics": ("max_images",),
@@ -144,6 +147,11 @@ class Component:
     max_images: the entry sees only the first N evaluation images of each group (methods,
         metrics: for costly entries; every cell reports its n).
     model_seed: the model is trained from the suite seed + this (models; ``model_seeds``).
+    trained_on: the dataset label the model is trained (or its checkpoint loaded) for; it is
+        then explained on every dataset of the suite, its labels mapped by ``classes``
+        (models: external validation; see ``benchmarks.engine.group.Relabelled``).
+    classes: evaluation class name -> the model's class name, for a dataset the model was
+        not trained on; classes of the same name map to each other (models).
     """
 
     label: str
@@ -156,6 +164,8 @@ class Component:
     root: str | None = None
     max_images: PositiveInt | None = None
     model_seed: NonNegativeInt | None = None
+    trained_on: str | None = None
+    classes: dict[str, str] = field(default_factory=dict)
     entry: str | None = None  # the suite entry a model-seed copy came from (its label)
 
     def pipeline(self) -> dict[str, Any]:
@@ -207,6 +217,9 @@ class Suite:
     metrics: tuple[Component, ...]
     source: str = ""
     exclude: tuple[Exclusion, ...] = ()
+    # every dataset entry of the file, also those a filter (--datasets) left out: where a
+    # model's ``trained_on`` dataset is found
+    sources: tuple[Component, ...] = ()
     model_seeds: int = 1  # models trained per entry, from seeds seed + 0 .. n-1
 
     def model_entries(self) -> tuple[Component, ...]:
@@ -363,7 +376,19 @@ def _components(
         where = f"suite file {path}: [{kind}.{label}]"
         pipeline = {k: opts[k] for k in ENTRY_KEYS.get(kind, ()) if k in opts}
         check_options(entry.obj, {k: v for k, v in opts.items() if k not in pipeline}, where)
-        check_options(Component, {k: v for k, v in pipeline.items() if k != "train_on"}, where)
+        check_options(
+            Component,
+            {k: v for k, v in pipeline.items() if k not in ("train_on", "classes")},
+            where,
+        )
+        classes = opts.get("classes", {})
+        if not isinstance(classes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in classes.items()
+        ):
+            raise UserError(
+                f"{where} classes must map evaluation class names to the model's, e.g. "
+                f'classes = {{ "COVID-19" = "pneumonia" }}; got {classes!r}'
+            )
         if "train" in opts:
             if not isinstance(opts["train"], dict):
                 raise UserError(
@@ -396,9 +421,17 @@ def _table(path: str, where: str, opts: dict[str, Any], key: str) -> list[tuple[
 
 
 def _check_train_on(path: str, models: tuple[Component, ...], datasets: tuple[Component, ...]):
-    """Every ``train_on`` key of a model entry names a dataset entry of the suite."""
+    """Every ``train_on`` key and ``trained_on`` of a model entry names a dataset entry of
+    the suite."""
     labels = [d.label for d in datasets]
     for model in models:
+        if model.trained_on is not None and model.trained_on not in labels:
+            raise _no_match(
+                model.trained_on,
+                labels,
+                f"suite file {path}: [models.{model.label}] trained_on = "
+                f"{model.trained_on!r}: no dataset {model.trained_on!r} in the suite.",
+            )
         for dataset in model.train_on:
             if dataset not in labels:
                 raise _no_match(
@@ -495,6 +528,7 @@ def load_suite(name_or_path: str) -> Suite:
             source=", ".join(data.get("_files", [])),
             exclude=_exclusions(where, data.get("exclude", []), components),
             model_seeds=int(data.get("model_seeds", 1)),
+            sources=components["datasets"],
         )
     except UserError as exc:
         if where in str(exc):

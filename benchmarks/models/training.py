@@ -244,9 +244,10 @@ def train(
     model.to(memory_format=torch.contiguous_format).eval()
 
 
-def _evaluate(
+def evaluate(
     model: nn.Module, dataset: ImageDataset, device: str, split: str = "test", what: str = "model"
 ) -> dict[str, Any]:
+    """The classification report of ``model`` on ``dataset`` (accuracy, per-class P/R/F1)."""
     images, labels = stack(dataset)
     ids = getattr(dataset, "ids", None)
     what = f"{what} ({split} split)"
@@ -272,7 +273,7 @@ def _with_validation(
     dataset = val_set() if callable(val_set) else val_set
     if dataset is None:
         return False
-    report["val"] = _evaluate(model, dataset, device, split="val")
+    report["val"] = evaluate(model, dataset, device, split="val")
     return True
 
 
@@ -307,11 +308,30 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, what: str) -> None:
                 f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
             )
     except Exception as exc:  # every failure becomes one line naming the file
-        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        detail = _load_error(exc, model)
         raise UserError(
             f"{what}: checkpoint {str(path)!r} does not load ({detail}); expected a state dict "
             "of this model, saved with torch.save(model.state_dict(), path)"
         ) from None
+
+
+SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+    r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+
+
+def _load_error(exc: BaseException, model: nn.Module) -> str:
+    """torch's load error in one line: the tensors whose shapes differ (torch lists them on
+    the lines after its first), with what the model was built for; else its message."""
+    text = " ".join(str(exc).split())
+    sizes = [m for m in SIZE_MISMATCH.findall(text) if not m[0].startswith("normalize.")]
+    if not sizes:
+        return text[:400] or type(exc).__name__
+    shown = "; ".join(f"{k}: {a} in the checkpoint, {b} in the model" for k, a, b in sizes[:3])
+    more = f" and {len(sizes) - 3} more" if len(sizes) > 3 else ""
+    built = getattr(model, "built_for", None)
+    return f"shapes differ: {shown}{more}" + (f" (the model is {built})" if built else "")
 
 
 def get_trained_model(
@@ -348,10 +368,14 @@ def get_trained_model(
 
     model = fresh()
     if checkpoint is not None:
+        # what the dataset asks of the model, for a checkpoint that does not fit it
+        model.built_for = (
+            f"built for {train_set.channels} input channel(s) and {train_set.num_classes} class(es)"
+        )
         set_normalization(model, stack(train_set)[0])
         load_checkpoint(model, checkpoint, what=f"model {model_name} on {dataset_name}")
         model.to(device).eval()
-        report = _evaluate(model, test_set, device, what=f"model {model_name} on {dataset_name}")
+        report = evaluate(model, test_set, device, what=f"model {model_name} on {dataset_name}")
         report.update(model=model_name, dataset=dataset_name, checkpoint=str(checkpoint))
         _with_validation(report, model, val_set, device)
         return TrainedModel(model, report, Path(checkpoint))
@@ -389,7 +413,7 @@ def get_trained_model(
         desc=f"train {model_name} on {dataset_name}",
     )
     seconds = time.perf_counter() - start
-    report = _evaluate(model, test_set, device, what=f"model {model_name} on {dataset_name}")
+    report = evaluate(model, test_set, device, what=f"model {model_name} on {dataset_name}")
     report.update(
         model=model_name,
         dataset=dataset_name,
@@ -401,7 +425,7 @@ def get_trained_model(
     _with_validation(report, model, val_set, device)
     atomic_write(ckpt, lambda p: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, p))
     _write_report(report_path, report)
-    return TrainedModel(model.eval(), report, ckpt)
+    return TrainedModel(model.eval(), {**report, "checkpoint": str(ckpt)}, ckpt)
 
 
 def _cached(
@@ -421,7 +445,8 @@ def _cached(
             _write_report(report_path, report)
         except OSError as exc:  # a read-only cache still serves its models
             print(f"warning: could not update {report_path}: {exc}", file=sys.stderr)
-    return TrainedModel(model, report, ckpt)
+    # where the weights are, for reuse as a suite's checkpoint (not stored: the cache moves)
+    return TrainedModel(model, {**report, "checkpoint": str(ckpt)}, ckpt)
 
 
 def _write_report(path: Path, report: dict[str, Any]) -> None:
