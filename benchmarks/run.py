@@ -346,7 +346,9 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
         store.write(f"{name}.parquet", frame)
     store.write(LEADERBOARD, table)
     notes = [
-        f"suite {suite.name} v{suite.version}, seed {suite.seed}, {suite.eval.max_images} images per model x dataset"
+        f"suite {suite.name} v{suite.version}, seed {suite.seed}; at most "
+        f"{suite.eval.max_images} evaluation images drawn per model x dataset, each entry "
+        "capped by its max_images: every cell gives the n it scored"
     ]
     notes += [
         f"dataset {name} skipped: {why}" for name, why in sorted(manifest.skipped_datasets.items())
