@@ -44,7 +44,7 @@ class MetricInfo:
         between runs) and writes them to ``leaderboard-cost.csv``.
     scale_free: the scores depend on the inputs and the maps only, and not on a positive
         factor of a map (orderings, argmaxes, ratios): the runner scores maps that are equal
-        up to such a factor once (CAM, Grad-CAM, HiResCAM and XGrad-CAM on a GAP head: see
+        up to such a factor once (Grad-CAM, HiResCAM and XGrad-CAM on a GAP head: see
         ``benchmarks.engine.group.SameMaps``) and gives each of those methods the scores.
     """
 

@@ -124,9 +124,11 @@ class Batch:
 class SameMaps:
     """The scores of each method's maps of the current batch by every ``scale_free`` metric,
     given to a later method whose maps equal them up to a positive factor. On a GAP + linear
-    head CAM, Grad-CAM, HiResCAM and XGrad-CAM give one map (Grad-CAM's weights are CAM's
-    divided by the map's size; HiResCAM's and XGrad-CAM's reduce to them): computing a curve
-    again would repeat every forward to return the same numbers. Maps are compared after
+    head over rectified features, Grad-CAM, HiResCAM and XGrad-CAM give one map (the
+    gradient is the head's weight divided by the map's size at every position, so
+    HiResCAM's and XGrad-CAM's weights reduce to Grad-CAM's; CAM's map is the same before
+    its ReLU): computing a curve again would repeat every forward to return the same
+    numbers. Maps are compared after
     dividing each by its largest absolute value, within ``tol``: closer than that, the maps
     differ by float rounding, whose only effect would be to reorder tied pixels. Metrics
     score each image on its own (the metric contract), so the first n scores of an earlier
