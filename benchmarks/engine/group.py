@@ -19,6 +19,7 @@ are); methods and metrics perturb in that space.
 
 from __future__ import annotations
 
+import functools
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -109,15 +110,21 @@ class Batch:
     organ_masks: torch.Tensor | None
     shared: SharedPass
 
+    @functools.cached_property
+    def _nonempty(self) -> dict[str, np.ndarray | None]:
+        """Per mask kind, which images have a nonempty mask (None: the dataset has none);
+        computed once per batch, read by every method and metric."""
+        return {
+            key: None if masks is None else masks.flatten(1).any(dim=1).cpu().numpy()
+            for key, masks in (("masks", self.masks), ("organ_masks", self.organ_masks))
+        }
+
     def present(self, needs: tuple[str, ...]) -> np.ndarray | None:
         """For a metric that needs masks: which images have a nonempty one (the images it can
         score, those its ``max_images`` counts); None for a metric that scores every image."""
         for key in ("masks", "organ_masks"):
             if key in needs:
-                masks = getattr(self, key)
-                if masks is None:
-                    return None
-                return masks.flatten(1).any(dim=1).cpu().numpy()
+                return self._nonempty[key]
         return None
 
 

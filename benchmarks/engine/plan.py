@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.core.errors import DataNotFound
+from benchmarks.core.files import file_digest
 from benchmarks.engine.store import group_key
 from benchmarks.engine.suite import Component, EvalConfig, Suite, train_config
 from benchmarks.models.training import TrainConfig
@@ -238,11 +239,7 @@ def _checkpoint(model: Component) -> dict[str, str]:
     are another configuration."""
     if model.checkpoint is None or not Path(model.checkpoint).is_file():
         return {}
-    digest = hashlib.sha256()
-    with open(model.checkpoint, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return {"checkpoint_sha256": digest.hexdigest()}
+    return {"checkpoint_sha256": file_digest(model.checkpoint)[0]}
 
 
 LEFT_OUT = (Status.EXCLUDED, Status.NOT_APPLICABLE)  # a group of only these is not run

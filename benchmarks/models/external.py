@@ -129,6 +129,19 @@ def _hub_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict a file holds (``torch.save(model.state_dict(), path)``, or a dict with
+    it under ``"state_dict"``), read on the CPU with ``weights_only=True``. Raises what
+    ``torch.load`` raises, or TypeError for a file that holds something else; callers say
+    which file and what was expected (``load_weights``, ``training.load_checkpoint``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
+    return state
+
+
 def load_weights(net: nn.Module, path: str, what: str) -> list[str]:
     """Load a state dict file into ``net``, leaving out the tensors whose shape differs (the
     classifier head of another number of classes); returns the keys left out. Keys that
@@ -137,11 +150,9 @@ def load_weights(net: nn.Module, path: str, what: str) -> list[str]:
     if not file.is_file():
         raise UserError(f"model {what!r}: weights file {path!r} does not exist")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = read_state_dict(file)
     except Exception as exc:
         raise UserError(f"model {what!r}: weights file {path!r} does not load ({exc})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
     own = net.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown:

@@ -32,6 +32,7 @@ from benchmarks.core.checks import (
 )
 from benchmarks.core.errors import UserError
 from benchmarks.core.files import atomic_write, file_digest
+from benchmarks.models.external import read_state_dict
 from benchmarks.models.zoo import MODELS, build_model
 from datasets.base import DATASETS, ImageDataset
 
@@ -287,19 +288,16 @@ def set_normalization(model: nn.Module, images: torch.Tensor) -> None:
         normalize.set_stats(images.mean(dim=(0, 2, 3)), images.std(dim=(0, 2, 3)))
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, what: str) -> None:
+def load_checkpoint(model: nn.Module, path: str | Path, *, what: str, built_for: str = "") -> None:
     """Load a state dict saved with ``torch.save(model.state_dict(), path)`` into ``model``
-    (``weights_only=True``); any failure is a UserError naming the file and what was expected.
-    A state dict without the ``normalize.*`` buffers keeps the model's own statistics."""
+    (``weights_only=True``); any failure is a UserError naming the file and what was expected
+    (``built_for``: what the data asks of the model, said when shapes differ). A state dict
+    without the ``normalize.*`` buffers keeps the model's own statistics."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what}: checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
+        state = read_state_dict(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("normalize.")]
         if missing or unexpected:
@@ -308,7 +306,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, what: str) -> None:
                 f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
             )
     except Exception as exc:  # every failure becomes one line naming the file
-        detail = _load_error(exc, model)
+        detail = _load_error(exc, built_for)
         raise UserError(
             f"{what}: checkpoint {str(path)!r} does not load ({detail}); expected a state dict "
             "of this model, saved with torch.save(model.state_dict(), path)"
@@ -321,7 +319,7 @@ SIZE_MISMATCH = re.compile(
 )
 
 
-def _load_error(exc: BaseException, model: nn.Module) -> str:
+def _load_error(exc: BaseException, built_for: str) -> str:
     """torch's load error in one line: the tensors whose shapes differ (torch lists them on
     the lines after its first), with what the model was built for; else its message."""
     text = " ".join(str(exc).split())
@@ -330,8 +328,7 @@ def _load_error(exc: BaseException, model: nn.Module) -> str:
         return text[:400] or type(exc).__name__
     shown = "; ".join(f"{k}: {a} in the checkpoint, {b} in the model" for k, a, b in sizes[:3])
     more = f" and {len(sizes) - 3} more" if len(sizes) > 3 else ""
-    built = getattr(model, "built_for", None)
-    return f"shapes differ: {shown}{more}" + (f" (the model is {built})" if built else "")
+    return f"shapes differ: {shown}{more}" + (f" (the model is {built_for})" if built_for else "")
 
 
 def get_trained_model(
@@ -368,12 +365,14 @@ def get_trained_model(
 
     model = fresh()
     if checkpoint is not None:
-        # what the dataset asks of the model, for a checkpoint that does not fit it
-        model.built_for = (
-            f"built for {train_set.channels} input channel(s) and {train_set.num_classes} class(es)"
-        )
         set_normalization(model, stack(train_set)[0])
-        load_checkpoint(model, checkpoint, what=f"model {model_name} on {dataset_name}")
+        load_checkpoint(
+            model,
+            checkpoint,
+            what=f"model {model_name} on {dataset_name}",
+            built_for=f"built for {train_set.channels} input channel(s) and "
+            f"{train_set.num_classes} class(es)",
+        )
         model.to(device).eval()
         report = evaluate(model, test_set, device, what=f"model {model_name} on {dataset_name}")
         report.update(model=model_name, dataset=dataset_name, checkpoint=str(checkpoint))
