@@ -19,6 +19,20 @@ from datasets import DATASETS
 
 pytestmark = pytest.mark.harness
 
+
+@pytest.fixture(autouse=True)
+def _forget_models_named_by_path():
+    """A model named by import path is registered on first use: each test leaves the
+    registry as it found it, so later tests (the annotation check of every registered
+    entry) see the zoo only."""
+    from benchmarks.models.zoo import MODELS
+
+    before = set(MODELS.names())
+    yield
+    for name in set(MODELS.names()) - before:
+        MODELS.remove(name)
+
+
 USER_MODULE = """
 import torch
 from torch import nn
