@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.core.errors import UserError
-from datasets._io import Fit, Record, Size, load_records
+from datasets._io import Fit, Record, Size, WindowSpec, load_records
 from datasets.base import ArrayDataset, check_split
 
 SPLIT_METHOD = "stratified-permutation-v1"
@@ -106,12 +106,16 @@ def split_dataset(
     name: str,
     source: Path,
     given_split: Sequence[str] | None = None,
+    window: WindowSpec = None,
 ) -> ArrayDataset:
     """The ``split`` part of ``records`` as an in-memory dataset, split stratified by label
     with ``seed`` (or by ``given_split``, one split name per record, when the data names it).
 
-    The dataset carries ``split_ids`` (the ids of every split) and ``provenance`` (the source
-    path and what determined the split) for the run's manifest.
+    Items carry the masks the records name: ``mask`` (lesion), ``organ_mask`` and, as the
+    dataset's ``extras``, ``mask_<name>``. ``window`` is the DICOM windowing
+    (``datasets._io.check_window``). The dataset carries ``split_ids`` (the ids of every
+    split) and ``provenance`` (the source path and what determined the split) for the
+    run's manifest.
     """
     check_split(split, name)
     fractions = check_fractions(fractions, name=name)
@@ -137,14 +141,19 @@ def split_dataset(
             f"{name}: split {split!r} is empty ({len(records)} images under {str(source)!r}, "
             f"split by {how}); use more images or give the split a larger fraction"
         )
-    images, masks = load_records(records, channels=channels, size=size, fit=fit, name=name)
+    images, masks = load_records(
+        records, channels=channels, size=size, fit=fit, name=name, window=window
+    )
     idx = np.asarray(chosen)
+    picked = {key: torch.from_numpy(arr[idx]) for key, arr in masks.items()}
     ds = ArrayDataset(
         torch.from_numpy(images[idx]).float().div_(255.0),
         torch.tensor([records[i].label for i in chosen], dtype=torch.long),
         [ids[i] for i in chosen],
         tuple(class_names),
-        masks=None if masks is None else torch.from_numpy(masks[idx]),
+        masks=picked.pop("mask", None),
+        organ_masks=picked.pop("organ_mask", None),
+        extras=picked,  # the named extra masks, mask_<name>
         name=name,
         provenance={"dataset": name, "source": str(source), "split": record},
         split_ids={s: [ids[i] for i in v] for s, v in parts.items()},

@@ -43,6 +43,9 @@ class DatasetInfo:
         declared when any named option is set to something other than None or False; an
         option the entry leaves out counts as ``masks`` (the registration's default). None:
         ``masks`` alone decides. See ``declares_masks``.
+    organ_masks_option: the same for organ masks (``csv``'s ``organ_mask_col`` and
+        ``organ_mask_pattern``, ``folder``'s ``organ_mask_dir``), with ``organ_masks`` as
+        the default. See ``declares_organ_masks``.
     root_env: environment variable naming the data directory, for real data.
     root_option: an option whose absolute path stands for the data root (``csv``'s
         ``manifest``): an entry that gives one needs no ``--data-root``.
@@ -53,6 +56,7 @@ class DatasetInfo:
     masks: bool = False
     organ_masks: bool = False
     masks_option: str | tuple[str, ...] | None = None
+    organ_masks_option: str | tuple[str, ...] | None = None
     root_env: str | None = None
     root_option: str | None = None
     how_to_get: str = ""
@@ -70,10 +74,28 @@ class DatasetInfo:
         >>> DatasetInfo(masks=True, masks_option="masks").declares_masks({"masks": False})
         False
         """
-        names = (self.masks_option,) if isinstance(self.masks_option, str) else self.masks_option
-        if not names:
-            return self.masks
-        return any(options.get(n, self.masks) not in (None, False) for n in names)
+        return _declares(self.masks_option, self.masks, options)
+
+    def declares_organ_masks(self, options: dict[str, Any]) -> bool:
+        """Whether an entry with these suite ``options`` carries organ masks, by the rule
+        of ``declares_masks`` over ``organ_masks_option``.
+
+        >>> DatasetInfo(organ_masks=True).declares_organ_masks({})
+        True
+        >>> info = DatasetInfo(organ_masks_option=("organ_mask_col", "organ_mask_pattern"))
+        >>> info.declares_organ_masks({}), info.declares_organ_masks({"organ_mask_col": "o"})
+        (False, True)
+        """
+        return _declares(self.organ_masks_option, self.organ_masks, options)
+
+
+def _declares(option: str | tuple[str, ...] | None, default: bool, options: dict[str, Any]) -> bool:
+    """Any of the ``option`` names set to something other than None or False (a name left
+    out counts as ``default``); no names: ``default``."""
+    names = (option,) if isinstance(option, str) else option
+    if not names:
+        return default
+    return any(options.get(n, default) not in (None, False) for n in names)
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset", DatasetInfo)

@@ -164,7 +164,10 @@ def needs_reason(metric: Component, dataset: Component) -> str:
     from metrics import METRICS
 
     info = DATASETS.get(dataset.use).info
-    has = {"masks": info.declares_masks(dataset.options), "organ_masks": info.organ_masks}
+    has = {
+        "masks": info.declares_masks(dataset.options),
+        "organ_masks": info.declares_organ_masks(dataset.options),
+    }
     missing = [need for need in METRICS.get(metric.use).info.needs if not has.get(need, True)]
     if not missing:
         return ""
