@@ -46,6 +46,10 @@ class DatasetInfo:
     organ_masks_option: the same for organ masks (``csv``'s ``organ_mask_col`` and
         ``organ_mask_pattern``, ``folder``'s ``organ_mask_dir``), with ``organ_masks`` as
         the default. See ``declares_organ_masks``.
+    extra_masks_option: the option naming the entry's further masks, a table of name ->
+        where they are (``csv``'s ``extra_masks``, ``folder``'s ``extra_mask_dirs``); items
+        carry each as ``mask_<name>``, which a localization metric reads with ``mask =
+        "<name>"`` on its suite entry. See ``declares_extra_masks``.
     root_env: environment variable naming the data directory, for real data.
     root_option: an option whose absolute path stands for the data root (``csv``'s
         ``manifest``): an entry that gives one needs no ``--data-root``.
@@ -57,6 +61,7 @@ class DatasetInfo:
     organ_masks: bool = False
     masks_option: str | tuple[str, ...] | None = None
     organ_masks_option: str | tuple[str, ...] | None = None
+    extra_masks_option: str | None = None
     root_env: str | None = None
     root_option: str | None = None
     how_to_get: str = ""
@@ -87,6 +92,18 @@ class DatasetInfo:
         (False, True)
         """
         return _declares(self.organ_masks_option, self.organ_masks, options)
+
+    def declares_extra_masks(self, options: dict[str, Any]) -> tuple[str, ...]:
+        """The names of the further masks an entry with these suite ``options`` carries.
+
+        >>> info = DatasetInfo(extra_masks_option="extra_masks")
+        >>> info.declares_extra_masks({"extra_masks": {"lungs": "lung", "heart": "h"}})
+        ('heart', 'lungs')
+        >>> info.declares_extra_masks({}), DatasetInfo().declares_extra_masks({"x": 1})
+        ((), ())
+        """
+        table = options.get(self.extra_masks_option) if self.extra_masks_option else None
+        return tuple(sorted(table or ()))
 
 
 def _declares(option: str | tuple[str, ...] | None, default: bool, options: dict[str, Any]) -> bool:

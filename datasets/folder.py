@@ -256,6 +256,7 @@ def load_folder(
     masks=False,
     masks_option="masks",
     organ_masks_option="organ_mask_dir",
+    extra_masks_option="extra_mask_dirs",
     root_env=DATA_ROOT_ENV,
     how_to_get="Arrange your images as DIR/<class>/<image>.png (masks optional) and pass DIR.",
 )

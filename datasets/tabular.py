@@ -413,6 +413,7 @@ def load_table(
     masks=False,
     masks_option=("mask_col", "mask_pattern", "boxes"),
     organ_masks_option=("organ_mask_col", "organ_mask_pattern"),
+    extra_masks_option="extra_masks",
     root_env=DATA_ROOT_ENV,
     root_option="manifest",
     how_to_get="Write a CSV with one row per image (path, label, optional mask) and pass it.",

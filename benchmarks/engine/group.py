@@ -19,6 +19,7 @@ are); methods and metrics perturb in that space.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 import traceback
@@ -46,11 +47,11 @@ from datasets.base import ImageDataset
 from metrics import METRICS, MetricContext, Scores
 
 EXAMPLES = 4  # evaluation images kept with every method's maps, for figures
-_EMPTY = {  # why a localization metric leaves an image unscored: lesion (True) or organ mask
-    lesion: f"the {'lesion' if lesion else 'organ'} mask is empty (nothing to localize, e.g. "
-    "a normal image)"
-    for lesion in (True, False)
-}
+
+
+def _empty(kind: str) -> str:
+    """Why a localization metric leaves an image unscored, for its mask ``kind``."""
+    return f"the {kind} mask is empty (nothing to localize, e.g. a normal image)"
 
 
 @dataclass(frozen=True)
@@ -109,23 +110,42 @@ class Batch:
     masks: torch.Tensor | None
     organ_masks: torch.Tensor | None
     shared: SharedPass
+    extra_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def truth(self, needs: tuple[str, ...], mask: str | None) -> tuple[str, str] | None:
+        """For a metric that needs masks: (the context field it reads, the mask kind it
+        reads there: "lesion", "organ" or a further mask's name, as its entry's ``mask``
+        says); None for a metric that reads no mask."""
+        field_ = next((key for key in ("masks", "organ_masks") if key in needs), None)
+        if field_ is None:
+            return None
+        return field_, mask or ("lesion" if field_ == "masks" else "organ")
+
+    def mask(self, kind: str) -> torch.Tensor | None:
+        """The batch's masks of one kind (None: the dataset has none)."""
+        if kind == "lesion":
+            return self.masks
+        return self.organ_masks if kind == "organ" else self.extra_masks.get(kind)
 
     @functools.cached_property
     def _nonempty(self) -> dict[str, np.ndarray | None]:
         """Per mask kind, which images have a nonempty mask (None: the dataset has none);
-        computed once per batch, read by every method and metric."""
-        return {
-            key: None if masks is None else masks.flatten(1).any(dim=1).cpu().numpy()
-            for key, masks in (("masks", self.masks), ("organ_masks", self.organ_masks))
-        }
+        computed once per batch and kind, read by every method and metric."""
+        return {}
 
-    def present(self, needs: tuple[str, ...]) -> np.ndarray | None:
+    def present(self, needs: tuple[str, ...], mask: str | None = None) -> np.ndarray | None:
         """For a metric that needs masks: which images have a nonempty one (the images it can
         score, those its ``max_images`` counts); None for a metric that scores every image."""
-        for key in ("masks", "organ_masks"):
-            if key in needs:
-                return self._nonempty[key]
-        return None
+        truth = self.truth(needs, mask)
+        if truth is None:
+            return None
+        kind = truth[1]
+        if kind not in self._nonempty:
+            masks = self.mask(kind)
+            self._nonempty[kind] = (
+                None if masks is None else masks.flatten(1).any(dim=1).cpu().numpy()
+            )
+        return self._nonempty[kind]
 
 
 class SameMaps:
@@ -396,9 +416,10 @@ def batches(prep: Prepared, plan: GroupPlan, device: torch.device):
         items = [prep.eval_set[int(i)] for i in prep.indices[start : start + size]]
         x = torch.stack([it["image"] for it in items]).to(device)
         labels = torch.tensor([it["label"] for it in items]).to(device)
+        keys = ["mask", "organ_mask", *(k for k in items[0] if k.startswith("mask_"))]
         masks = {
             key: torch.stack([it[key] for it in items]).to(device) if key in items[0] else None
-            for key in ("mask", "organ_mask")
+            for key in keys
         }
         with torch.inference_mode():
             logits = prep.model(x)
@@ -414,8 +435,9 @@ def batches(prep: Prepared, plan: GroupPlan, device: torch.device):
             logits=logits,
             target=target,
             correct=(logits.argmax(1) == labels).cpu().numpy(),
-            masks=masks["mask"],
-            organ_masks=masks["organ_mask"],
+            masks=masks.pop("mask"),
+            organ_masks=masks.pop("organ_mask"),
+            extra_masks={key.removeprefix("mask_"): value for key, value in masks.items()},
             # one forward + backward for every gradient CAM of the batch
             shared=SharedPass(prep.model, x, target, layer=prep.layer),
         )
@@ -631,12 +653,16 @@ def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n
     same = state.same_maps.match(batch.index, m.label, maps)
     for k in state.pending(m):
         info = METRICS.get(k.use).info
-        counted = batch.present(info.needs)
+        truth = batch.truth(info.needs, k.mask)
+        counted = batch.present(info.needs, k.mask)
         n = state.take(k, (m.label, k.label), n_m, counted)
-        if counted is not None and n < n_m and not counted[n:n_m].any():
-            state.unscored(m.label, k.label, n_m - n, _EMPTY["masks" in info.needs])
+        if truth is not None and n < n_m and counted is not None and not counted[n:n_m].any():
+            state.unscored(m.label, k.label, n_m - n, _empty(truth[1]))
         if n == 0:
             continue
+        given_masks = {"masks": batch.masks, "organ_masks": batch.organ_masks}
+        if truth is not None:  # the mask the entry names, where the metric reads its mask
+            given_masks[truth[0]] = batch.mask(truth[1])
         ctx = MetricContext(
             model=prep.model,
             x=batch.x[:n],
@@ -645,8 +671,7 @@ def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n
             maps=maps[:n].to(batch.x.device),
             logits=batch.logits[:n],
             ids=batch.ids[:n],
-            masks=None if batch.masks is None else batch.masks[:n],
-            organ_masks=None if batch.organ_masks is None else batch.organ_masks[:n],
+            **{key: None if v is None else v[:n] for key, v in given_masks.items()},
             explain=fn,
             seed=plan.seed,
             batch_size=plan.eval.forward_batch,
@@ -672,6 +697,8 @@ def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n
             continue
         finally:
             state.timed(f"{m.label} / {k.label}", start)
+        if k.mask is not None and truth is not None:  # its message names the mask it read
+            scores = dataclasses.replace(scores, unscored=_empty(truth[1]))
         if info.scale_free:
             state.same_maps.keep(m.label, k.label, scores)
         state.record(batch, n, m.label, k.label, scores)
@@ -683,7 +710,9 @@ def images_wanted(state: GroupState, batch: Batch, m: Component) -> int:
     the images up to its last masked one), within the method's own ``max_images``."""
     available = state.wants(m, m.label, len(batch.x))
     wanted = [
-        state.wants(k, (m.label, k.label), available, batch.present(METRICS.get(k.use).info.needs))
+        state.wants(
+            k, (m.label, k.label), available, batch.present(METRICS.get(k.use).info.needs, k.mask)
+        )
         for k in state.pending(m)
     ]
     return state.take(m, m.label, max(wanted, default=0))

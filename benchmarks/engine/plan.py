@@ -157,9 +157,13 @@ def resolve_data_root(dataset: Component, data_root: str | None) -> str | None:
     return str(root)
 
 
+MASK_KINDS = {"lesion": "masks", "organ": "organ_masks"}  # a metric entry's mask -> its need
+
+
 def needs_reason(metric: Component, dataset: Component) -> str:
-    """Why the metric cannot apply to the dataset: the data it needs (masks, organ masks)
-    that the dataset's registry entry says it lacks ("" if nothing is missing)."""
+    """Why the metric cannot apply to the dataset: the data it needs (masks, organ masks,
+    the further mask its entry names with ``mask``) that the dataset's registry entry says
+    it lacks ("" if nothing is missing)."""
     from datasets import DATASETS
     from metrics import METRICS
 
@@ -168,7 +172,19 @@ def needs_reason(metric: Component, dataset: Component) -> str:
         "masks": info.declares_masks(dataset.options),
         "organ_masks": info.declares_organ_masks(dataset.options),
     }
-    missing = [need for need in METRICS.get(metric.use).info.needs if not has.get(need, True)]
+    needs = METRICS.get(metric.use).info.needs
+    if metric.mask is not None:
+        named = info.declares_extra_masks(dataset.options)
+        kind = MASK_KINDS.get(metric.mask)
+        if kind is None and metric.mask not in named:
+            known = ", ".join(repr(n) for n in ("lesion", "organ", *named))
+            return (
+                f"{metric.label} reads mask {metric.mask!r}; dataset {dataset.label} has no "
+                f"such mask (it may name: {known})"
+            )
+        needs = tuple(n for n in needs if n not in ("masks", "organ_masks"))
+        needs += (kind,) if kind else ()
+    missing = [need for need in needs if not has.get(need, True)]
     if not missing:
         return ""
     return f"{metric.label} needs {', '.join(missing)}; dataset {dataset.label} has none"

@@ -97,11 +97,13 @@ TOP_TYPES = {  # the types of the top-level values (tables are checked entry by 
 #   datasets: root (data directory), train (TrainConfig overrides for this dataset)
 #   methods, metrics: max_images (the entry sees only the first N evaluation images of each
 #             (model, dataset): for costly methods and metrics; n is reported per cell)
+#   metrics: mask (the ground truth a localization metric reads: "lesion", "organ" or a
+#             further mask the dataset names)
 ENTRY_KEYS = {
     "models": ("layer", "checkpoint", "train", "train_on", "model_seed", "trained_on", "classes"),
     "datasets": ("root", "train"),
     "methods": ("max_images",),
-    "metrics": ("max_images",),
+    "metrics": ("max_images", "mask"),
 }
 PIPELINE_FIELDS = tuple(dict.fromkeys(key for keys in ENTRY_KEYS.values() for key in keys))
 # Parameters the pipeline passes itself, never options of a suite entry.
@@ -152,6 +154,10 @@ class Component:
         (models: external validation; see ``benchmarks.engine.group.Relabelled``).
     classes: evaluation class name -> the model's class name, for a dataset the model was
         not trained on; classes of the same name map to each other (models).
+    mask: the ground truth a localization metric reads instead of its own: "lesion" (the
+        items' ``mask``), "organ" (``organ_mask``) or the name of a further mask of the
+        dataset (``mask_<name>``: ``csv``'s ``extra_masks``, ``folder``'s
+        ``extra_mask_dirs``) (metrics that need masks).
     """
 
     label: str
@@ -166,6 +172,7 @@ class Component:
     model_seed: NonNegativeInt | None = None
     trained_on: str | None = None
     classes: dict[str, str] = field(default_factory=dict)
+    mask: str | None = None
     entry: str | None = None  # the suite entry a model-seed copy came from (its label)
 
     def pipeline(self) -> dict[str, Any]:
@@ -398,6 +405,8 @@ def _components(
             _config(path, f"{kind}.{label}.train", TrainConfig, opts["train"])
         for dataset, train in _table(path, f"[{kind}.{label}] train_on", opts, "train_on"):
             _config(path, f"{kind}.{label}.train_on.{dataset}", TrainConfig, train)
+        if "mask" in opts:
+            _check_mask(where, opts["mask"], entry)
         checkpoint = opts.get("checkpoint")
         if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
             raise UserError(
@@ -407,6 +416,20 @@ def _components(
         pipeline = {k: opts.pop(k) for k in ENTRY_KEYS.get(kind, ()) if k in opts}
         out.append(Component(label=label, use=entry.name, options=opts, **pipeline))
     return tuple(out)
+
+
+def _check_mask(where: str, mask: str, entry: Any) -> None:
+    """``mask`` on a metric entry: a localization metric's, naming a mask by a plain name."""
+    if not {"masks", "organ_masks"} & set(entry.info.needs):
+        raise UserError(
+            f"{where} mask = {mask!r}: {entry.name} reads no mask; mask applies to the "
+            "localization metrics (pointing_game, energy_pointing_game, iou, ...)"
+        )
+    if not mask.replace("_", "").isalnum() or not mask.isascii():
+        raise UserError(
+            f"{where} mask = {mask!r}: name a mask of the dataset: 'lesion', 'organ', or a "
+            "name of its extra_masks (letters, digits and _)"
+        )
 
 
 def _table(path: str, where: str, opts: dict[str, Any], key: str) -> list[tuple[str, dict]]:
