@@ -22,7 +22,8 @@ mask is not an empty one: an image without the structure needs an all-zero mask 
 - any named structure, item ``mask_<name>`` (the dataset's ``extras``): ``extra_masks``, a
   table of name -> column or pattern (a value holding ``{`` is a pattern, else a column),
   e.g. ``extra_masks = { lungs = "lung_mask", heart = "heart/{image_id}.png" }``; names are
-  letters, digits and ``_``.
+  letters, digits and ``_``. A localization metric scores against one when its suite entry
+  says ``mask = "lungs"``.
 
 Bounding boxes. ``boxes = "boxes.csv"`` (relative to the table's folder) gives the lesion
 mask as rectangles instead of mask files: a table with an id column (``boxes_id_col``;
