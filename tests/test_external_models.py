@@ -315,3 +315,189 @@ def test_an_evaluation_only_dataset_needs_no_training_split_under_a_checkpoint(t
     report = json.loads(next((out / "groups").glob("*/model.json")).read_text())
     assert report["n"] == 12 and "train_seconds" not in report
     assert not (tmp_path / "cache" / "models").exists()
+
+
+# --- timm and MONAI: the field's standard architectures, unmodified -------------------------
+
+
+@pytest.mark.slow  # ~11 s: one epoch of ViT-Tiny at 224 px on the CPU
+def test_timm_vit_fine_tuned_from_a_weights_file_at_its_native_224_px(tmp_path):
+    """timm's ViT-Tiny by name, random weights saved to a file and given as ``weights``:
+    built at timm's native 224 px (its ``pretrained_cfg``), fine-tuned one epoch at a learning
+    rate too small to move them, explained by Grad-CAM at the layer ``auto`` picks for a ViT
+    (the last block's ``norm1``, tokens read as a 14 x 14 map), which equals
+    pytorch-grad-cam's Grad-CAM with its ViT reshape transform on the tuned weights."""
+    import timm
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    start = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    weights = tmp_path / "vit.pt"
+    torch.save(start.state_dict(), weights)
+    body = (
+        'name = "vit"\n[eval]\nmax_images = 2\nbatch_size = 2\n'
+        "[train]\nepochs = 1\nlr = 1e-12\nbatch_size = 32\n"
+        f'[models.vit]\nuse = "timm:vit_tiny_patch16_224"\nweights = "{weights}"\n'
+        + DATA.replace("n = 64", "n = 32")
+        + "[methods.gradcam]\n[metrics.pointing_game]\n"
+    )
+    out = run(tmp_path, body)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+    report = json.loads(next((out / "groups").glob("*/model.json")).read_text())
+    assert report["layer"] == "blocks.11.norm1"
+    tuned = torch.load(report["checkpoint"], weights_only=True)
+    own = start.state_dict()
+    torch.testing.assert_close(tuned["patch_embed.proj.weight"], own["patch_embed.proj.weight"])
+    torch.testing.assert_close(tuned["pos_embed"], own["pos_embed"])
+    assert tuned["head.weight"].shape == (2, 192)  # the 1000-class head replaced
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2)
+    model.load_state_dict(tuned)
+    model.eval()
+    ex = np.load(next((out / "groups").glob("*/examples.npz")))
+    xs = torch.from_numpy(ex["images"])
+    big = F.interpolate(xs.expand(-1, 3, -1, -1), size=(224, 224), mode="bilinear")
+    with torch.no_grad():
+        target = model(big).argmax(1)
+
+    def reshape(t):  # pytorch-grad-cam's ViT transform: class token dropped, 14 x 14 grid
+        return t[:, 1:, :].reshape(t.size(0), 14, 14, t.size(2)).permute(0, 3, 1, 2)
+
+    layer = model.blocks[-1].norm1
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        cam(input_tensor=big, targets=[ClassifierOutputTarget(int(t)) for t in target])
+        acts = cam.activations_and_grads.activations[0].numpy()
+        grads = cam.activations_and_grads.gradients[0].numpy()
+        layer_map = np.maximum(cam.get_cam_image(big, layer, None, acts, grads, False), 0)
+    # its 14 x 14 map of the 224-px input, brought to the dataset's 32 px
+    ref = F.interpolate(torch.from_numpy(layer_map)[:, None], size=(32, 32), mode="bilinear")
+    ours = torch.from_numpy(ex["maps__gradcam"])
+    assert ours.shape == (2, 32, 32)
+    torch.testing.assert_close(minmax(ours), minmax(ref[:, 0]), atol=1e-4, rtol=0)
+
+
+def test_monai_densenet121_runs_gradcam_at_its_auto_layer(tmp_path):
+    """MONAI's DenseNet121 (2-D, the dataset's one channel, two classes) from a checkpoint,
+    images resized to 64 px inside the model: ``auto`` is ``features`` (its last map, before
+    the in-place ReLU of ``class_layers``) and Grad-CAM there equals captum's on the same
+    weights loaded by hand."""
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
+    ckpt = tmp_path / "monai.pt"
+    torch.save(net.state_dict(), ckpt)
+    body = (
+        'name = "monai"\n[eval]\nmax_images = 2\nbatch_size = 2\n'
+        f'[models.mdn]\nuse = "monai:DenseNet121"\ninput_size = 64\ncheckpoint = "{ckpt}"\n'
+        + DATA.replace("n = 64", "n = 32")
+        + "[methods.gradcam]\n[metrics.pointing_game]\n"
+    )
+    out = run(tmp_path, body)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+    report = json.loads(next((out / "groups").glob("*/model.json")).read_text())
+    assert report["layer"] == "features"
+    net.eval()
+    ex = np.load(next((out / "groups").glob("*/examples.npz")))
+    xs = torch.from_numpy(ex["images"])
+    big = F.interpolate(xs, size=(64, 64), mode="bilinear")
+    with torch.no_grad():
+        target = net(big).argmax(1)
+    ref = captum_gradcam(net, big, target, "features", size=(32, 32))
+    ours = torch.from_numpy(ex["maps__gradcam"])
+    assert ours.shape == (2, 32, 32) and float(ours.max()) > 0
+    torch.testing.assert_close(minmax(ours), minmax(ref), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("use", "message"),
+    [
+        ("timm:vit_tiny_patch16_22", "timm has no model .*did you mean: vit_tiny_patch16_224"),
+        ("timm:vit_tiny_patch16_224.nope", "no weights tagged 'nope'.*augreg_in21k_ft_in1k"),
+        ("monai:DenseNet12", "did you mean: DenseNet121"),
+    ],
+)
+def test_an_unknown_timm_or_monai_name_is_refused_when_the_suite_loads(tmp_path, use, message):
+    suite = tmp_path / "bad.toml"
+    suite.write_text(f'name = "bad"\n[models.m]\nuse = "{use}"\n' + DATA + "[methods.gradcam]\n")
+    with pytest.raises(UserError, match=message):
+        load_suite(str(suite))
+
+
+def _no_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_timm_imagenet_weights_come_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    """``weights = "imagenet"`` for timm reads the file timm itself would fetch from the
+    Hugging Face hub, from the local hub cache, with no connection: the weights load, the
+    head is replaced, the normalization is the weights' own (timm's ``pretrained_cfg``)."""
+    import huggingface_hub.constants
+    import timm
+    from safetensors.torch import save_file
+
+    from benchmarks.models.zoo import build_model
+
+    cfg = timm.models.get_pretrained_cfg("resnet18")
+    torch.manual_seed(0)
+    start = timm.create_model("resnet18", pretrained=False)
+    snapshot = tmp_path / "hub" / f"models--{cfg.hf_hub_id.replace('/', '--')}"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(start.state_dict(), str(snapshot / "snapshots" / ("0" * 40) / "model.safetensors"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    _no_network(monkeypatch)
+
+    net = build_model("timm:resnet18", in_channels=1, num_classes=2, weights="imagenet")
+    torch.testing.assert_close(net.conv1.weight, start.conv1.weight)
+    torch.testing.assert_close(net.layer4[1].bn2.running_var, start.layer4[1].bn2.running_var)
+    assert net.fc.weight.shape == (2, 512)
+    assert net.input_mean.flatten().tolist() == pytest.approx(list(cfg.mean))
+    assert net.input_std.flatten().tolist() == pytest.approx(list(cfg.std))
+    assert net.eval()(torch.rand(2, 1, 32, 32)).shape == (2, 2)  # grey repeated, 224 px
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(UserError) as err:
+        build_model("timm:resnet18", in_channels=1, num_classes=2, weights="imagenet")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "not in the local cache" in message and "nothing is downloaded" in message
+    assert "weights = '<file>'" in message and cfg.hf_hub_id in message
+
+
+def test_timm_weights_file_for_another_input_size_says_so(tmp_path):
+    """A ViT's weights at 224 px given to the model built for 64 px: the position
+    embedding does not fit, and the error says so instead of leaving it random."""
+    import timm
+
+    from benchmarks.models.zoo import build_model
+
+    file = tmp_path / "vit.pt"
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), file)
+    net = build_model("timm:vit_tiny_patch16_224", in_channels=3, num_classes=2, weights=str(file))
+    assert net.head.weight.shape == (2, 192)
+    with pytest.raises(UserError, match="pos_embed differ in shape.*input_size"):
+        build_model(
+            "timm:vit_tiny_patch16_224",
+            in_channels=3,
+            num_classes=2,
+            weights=str(file),
+            input_size=64,
+        )
+
+
+def test_monai_has_no_imagenet_weights_to_read():
+    from benchmarks.models.zoo import build_model
+
+    with pytest.raises(
+        UserError, match="MONAI networks have no ImageNet weights.*weights = '<file>'"
+    ):
+        build_model("monai:DenseNet121", in_channels=1, num_classes=2, weights="imagenet")
