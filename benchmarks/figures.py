@@ -2,7 +2,7 @@
 
 import sys
 
-from benchmarks.reports.figures import main
+from cambench.benchmarks.reports.figures import main
 
 if __name__ == "__main__":
     sys.exit(main())

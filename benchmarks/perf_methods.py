@@ -2,7 +2,7 @@
 
 import sys
 
-from benchmarks.perf.methods import main
+from cambench.benchmarks.perf.methods import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from benchmarks.perf.metrics import main
+from cambench.benchmarks.perf.metrics import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import os
 import platform
 import signal
 import subprocess
@@ -36,12 +37,12 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.core.checks import NonNegativeInt, PositiveInt, check_value
-from benchmarks.core.errors import UserError
-from benchmarks.core.files import check_writable
-from benchmarks.engine.executors import EXECUTORS, run_groups
-from benchmarks.engine.group import GroupResult, check_device, group_specs, preflight
-from benchmarks.engine.plan import (
+from cambench.benchmarks.core.checks import NonNegativeInt, PositiveInt, check_value
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.core.files import check_writable
+from cambench.benchmarks.engine.executors import EXECUTORS, run_groups
+from cambench.benchmarks.engine.group import GroupResult, check_device, group_specs, preflight
+from cambench.benchmarks.engine.plan import (
     GroupPlan,
     Plan,
     describe_change,
@@ -49,10 +50,16 @@ from benchmarks.engine.plan import (
     format_plan,
     make_plan,
 )
-from benchmarks.engine.progress import Progress, log
-from benchmarks.engine.store import LEADERBOARD, Manifest, RunStore, entry_metadata
-from benchmarks.engine.suite import Suite, available_suites, filter_suite, load_suite, registries
-from benchmarks.reports.leaderboard import aggregate, views
+from cambench.benchmarks.engine.progress import Progress, log
+from cambench.benchmarks.engine.store import LEADERBOARD, Manifest, RunStore, entry_metadata
+from cambench.benchmarks.engine.suite import (
+    Suite,
+    available_suites,
+    filter_suite,
+    load_suite,
+    registries,
+)
+from cambench.benchmarks.reports.leaderboard import aggregate, views
 
 LISTABLE = ("methods", "metrics", "datasets", "models", "suites")
 PACKAGES = (
@@ -433,6 +440,10 @@ def time_profile(reports: dict[str, dict], top: int = 5) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # a model named by import path ("my_model:build") is found in the current folder, as
+    # under `python -m`, also when run as the `cambench` command (after installed packages)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         with sigterm_as_interrupt():
             if args.list:
@@ -454,4 +465,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m benchmarks.run` executes this file as __main__: run the one imported copy,
+    # whose functions the executors can pickle by name
+    from cambench.benchmarks.run import main as _main
+
+    sys.exit(_main())

@@ -7,8 +7,8 @@ method file needs no edit here. ``METHODS`` is the registry.
 import importlib
 import pkgutil
 
-from benchmarks.core.errors import NotApplicable
-from cams.base import METHODS, Explanation, MethodInfo
+from cambench.benchmarks.core.errors import NotApplicable
+from cambench.cams.base import METHODS, Explanation, MethodInfo
 
 for _mod in pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_"):

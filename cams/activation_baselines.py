@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.core.errors import UserError
-from cams.base import METHODS, Explanation, check_inputs, check_target_range, upsample
-from cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams.base import METHODS, Explanation, check_inputs, check_target_range, upsample
+from cambench.cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
 
 
 def centered_gaussian(height: int, width: int, sigma: float) -> torch.Tensor:

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.core.registry import Registry
-from cams.hooks import model_guard
+from cambench.benchmarks.core.registry import Registry
+from cambench.cams.hooks import model_guard
 
 Family = Literal["cam", "gradient", "perturbation", "baseline"]
 

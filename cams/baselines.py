@@ -11,7 +11,7 @@ import hashlib
 import torch
 from torch import nn
 
-from cams.base import METHODS, Explanation, check_inputs
+from cambench.cams.base import METHODS, Explanation, check_inputs
 
 
 def image_generator(image: torch.Tensor, seed: int) -> torch.Generator:

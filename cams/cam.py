@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.core.errors import NotApplicable
-from cams.base import METHODS, Explanation, check_target_range, resolve_target, upsample
-from cams.hooks import attach_tap, model_guard, resolve_layer
+from cambench.benchmarks.core.errors import NotApplicable
+from cambench.cams.base import METHODS, Explanation, check_target_range, resolve_target, upsample
+from cambench.cams.hooks import attach_tap, model_guard, resolve_layer
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmarks.core.errors import UserError
-from cams.base import METHODS, Explanation, check_target_range, resolve_target, upsample
-from cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams.base import METHODS, Explanation, check_target_range, resolve_target, upsample
+from cambench.cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
 
 Score = Literal["logit", "probability"]
 

@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from benchmarks.core.errors import NotApplicable, UserError
-from cams.base import METHODS, Explanation, check_target_range, resolve_target
-from cams.gradient_cams import gradcam
-from cams.hooks import CapturePoint, model_guard
-from cams.pixel import reduce_abs_max
+from cambench.benchmarks.core.errors import NotApplicable, UserError
+from cambench.cams.base import METHODS, Explanation, check_target_range, resolve_target
+from cambench.cams.gradient_cams import gradcam
+from cambench.cams.hooks import CapturePoint, model_guard
+from cambench.cams.pixel import reduce_abs_max
 
 Rule = Literal["guided", "deconvnet"]
 

@@ -60,8 +60,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmarks.core.errors import UserError
-from benchmarks.core.registry import close_matches
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.core.registry import close_matches
 
 CapturePoint = Literal["produced", "consumed"]
 

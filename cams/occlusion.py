@@ -24,9 +24,9 @@ import math
 import torch
 from torch import nn
 
-from benchmarks.core.checks import PositiveInt, fits_image
-from benchmarks.core.errors import UserError
-from cams.base import (
+from cambench.benchmarks.core.checks import PositiveInt, fits_image
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams.base import (
     METHODS,
     Explanation,
     ForwardInLayout,
@@ -35,7 +35,7 @@ from cams.base import (
     input_buffer,
     resolve_target,
 )
-from cams.hooks import model_guard
+from cambench.cams.hooks import model_guard
 
 
 def pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:

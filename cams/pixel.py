@@ -21,11 +21,11 @@ import torch
 from captum.attr import IntegratedGradients, KernelShap, Lime, Saliency
 from torch import nn
 
-from benchmarks.core.checks import NonNegativeFloat, PositiveInt
-from benchmarks.core.errors import UserError
-from cams.base import METHODS, Explanation, check_target_range, resolve_target
-from cams.baselines import image_generator
-from cams.hooks import model_guard
+from cambench.benchmarks.core.checks import NonNegativeFloat, PositiveInt
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams.base import METHODS, Explanation, check_target_range, resolve_target
+from cambench.cams.baselines import image_generator
+from cambench.cams.hooks import model_guard
 
 
 def _checked_forward(

@@ -46,9 +46,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmarks.core.checks import OpenFraction, PositiveInt
-from benchmarks.core.errors import UserError
-from cams.base import (
+from cambench.benchmarks.core.checks import OpenFraction, PositiveInt
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams.base import (
     METHODS,
     Explanation,
     ForwardInLayout,
@@ -56,7 +56,7 @@ from cams.base import (
     input_buffer,
     resolve_target,
 )
-from cams.hooks import model_guard
+from cambench.cams.hooks import model_guard
 
 
 def interpolation_matrix(n_in: int, n_out: int) -> torch.Tensor:

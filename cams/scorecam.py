@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.core.checks import PositiveInt
-from benchmarks.core.errors import UserError
-from cams.base import (
+from cambench.benchmarks.core.checks import PositiveInt
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams.base import (
     METHODS,
     Explanation,
     ForwardInLayout,
@@ -46,7 +46,7 @@ from cams.base import (
     resolve_target,
     upsample,
 )
-from cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
+from cambench.cams.hooks import CapturePoint, attach_tap, model_guard, resolve_layer
 
 
 def channel_masks(

@@ -37,11 +37,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.core.checks import NonNegativeFloat, PositiveInt
-from benchmarks.core.errors import UserError
-from cams.base import METHODS, Explanation, resolve_target
-from cams.gradient_cams import _safe_div, _weighted, layer_gradient, to_explanation
-from cams.hooks import CapturePoint, resolve_layer
+from cambench.benchmarks.core.checks import NonNegativeFloat, PositiveInt
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams.base import METHODS, Explanation, resolve_target
+from cambench.cams.gradient_cams import _safe_div, _weighted, layer_gradient, to_explanation
+from cambench.cams.hooks import CapturePoint, resolve_layer
 
 
 def noise_directions(n_samples: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:

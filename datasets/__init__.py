@@ -7,7 +7,7 @@ never imports that package. Importing it registers every dataset module in it.
 import importlib
 import pkgutil
 
-from datasets.base import DATASETS, ArrayDataset, DatasetInfo, ImageDataset
+from cambench.datasets.base import DATASETS, ArrayDataset, DatasetInfo, ImageDataset
 
 for _mod in pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_"):

@@ -29,9 +29,9 @@ from typing import Annotated, NamedTuple
 
 import numpy as np
 
-from benchmarks.core.checks import Range
-from benchmarks.core.errors import UserError
-from datasets.base import SPLITS, check_split
+from cambench.benchmarks.core.checks import Range
+from cambench.benchmarks.core.errors import UserError
+from cambench.datasets.base import SPLITS, check_split
 
 MIN_SIZE = 32  # the drawn anatomy and tissue need this many pixels a side
 DrawnSize = Annotated[int, Range(MIN_SIZE)]

@@ -84,8 +84,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from benchmarks.core.checks import Fraction, OneOf, PositiveInt, Range
-from benchmarks.core.errors import DataNotFound, UserError
+from cambench.benchmarks.core.checks import Fraction, OneOf, PositiveInt, Range
+from cambench.benchmarks.core.errors import DataNotFound, UserError
 
 DATA_ROOT_ENV = "CAMBENCH_DATA_ROOT"
 DICOM_SUFFIX = ".dcm"
@@ -151,7 +151,7 @@ def check_window(window: object, *, name: str) -> WindowSpec:
     >>> check_window([40, 0], name="csv")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    benchmarks.core.errors.UserError: csv: window=[40, 0]: give [center, width] with ...
+    cambench.benchmarks.core.errors.UserError: csv: window=[40, 0]: give [center, width] with ...
     """
     if window is None or window == "minmax":
         return window  # type: ignore[return-value]

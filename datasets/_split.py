@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.core.errors import UserError
-from datasets._io import Fit, Record, Size, WindowSpec, load_records
-from datasets.base import ArrayDataset, check_split
+from cambench.benchmarks.core.errors import UserError
+from cambench.datasets._io import Fit, Record, Size, WindowSpec, load_records
+from cambench.datasets.base import ArrayDataset, check_split
 
 SPLIT_METHOD = "stratified-permutation-v1"
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.7, 0.15, 0.15)

@@ -19,9 +19,9 @@ from typing import Annotated, Any, Literal
 import torch
 from torch.utils.data import Dataset
 
-from benchmarks.core.checks import Range
-from benchmarks.core.errors import UserError
-from benchmarks.core.registry import Registry
+from cambench.benchmarks.core.checks import Range
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.core.registry import Registry
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")

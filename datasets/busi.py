@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets._io import DATA_ROOT_ENV, Channels, Fit, Fractions, ImageSize, locate
-from datasets._split import DEFAULT_FRACTIONS
-from datasets.base import DATASETS, ArrayDataset
-from datasets.folder import load_folder
+from cambench.datasets._io import DATA_ROOT_ENV, Channels, Fit, Fractions, ImageSize, locate
+from cambench.datasets._split import DEFAULT_FRACTIONS
+from cambench.datasets.base import DATASETS, ArrayDataset
+from cambench.datasets.folder import load_folder
 
 CLASSES = ("normal", "benign", "malignant")
 FOLDER = "Dataset_BUSI_with_GT"

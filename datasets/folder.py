@@ -38,8 +38,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from benchmarks.core.errors import UserError
-from datasets._io import (
+from cambench.benchmarks.core.errors import UserError
+from cambench.datasets._io import (
     DATA_ROOT_ENV,
     Channels,
     Fit,
@@ -56,8 +56,8 @@ from datasets._io import (
     is_image_file,
     locate,
 )
-from datasets._split import DEFAULT_FRACTIONS, split_dataset
-from datasets.base import DATASETS, ArrayDataset
+from cambench.datasets._split import DEFAULT_FRACTIONS, split_dataset
+from cambench.datasets.base import DATASETS, ArrayDataset
 
 MaskMode = Literal["sibling", "folder"]
 _MASK_NAME = re.compile(r"^(?P<stem>.*)_mask(?:_(?P<k>\d+))?$")

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.core.errors import DataNotFound, UserError
-from datasets._io import DATA_ROOT_ENV, Channels, ImageSize, as_size, locate, prepare_image
-from datasets.base import DATASETS, SPLITS, ArrayDataset, check_split
+from cambench.benchmarks.core.errors import DataNotFound, UserError
+from cambench.datasets._io import DATA_ROOT_ENV, Channels, ImageSize, as_size, locate, prepare_image
+from cambench.datasets.base import DATASETS, SPLITS, ArrayDataset, check_split
 
 # Class names where MedMNIST's own INFO names them; other files get "0", "1", ...
 KNOWN_CLASSES: dict[str, tuple[str, ...]] = {

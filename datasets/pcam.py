@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.core.checks import PositiveInt
-from benchmarks.core.errors import DataNotFound, UserError
-from datasets._io import (
+from cambench.benchmarks.core.checks import PositiveInt
+from cambench.benchmarks.core.errors import DataNotFound, UserError
+from cambench.datasets._io import (
     DATA_ROOT_ENV,
     Channels,
     ImageSize,
@@ -31,7 +31,7 @@ from datasets._io import (
     locate,
     prepare_image,
 )
-from datasets.base import DATASETS, ImageDataset, check_split
+from cambench.datasets.base import DATASETS, ImageDataset, check_split
 
 if TYPE_CHECKING:
     import h5py

@@ -31,9 +31,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from benchmarks.core.checks import Fraction, PositiveInt
-from benchmarks.core.errors import UserError
-from datasets._draw import (
+from cambench.benchmarks.core.checks import Fraction, PositiveInt
+from cambench.benchmarks.core.errors import UserError
+from cambench.datasets._draw import (
     DrawnSize,
     Shape,
     blobs,
@@ -49,7 +49,7 @@ from datasets._draw import (
     smooth_noise,
     soft_clip,
 )
-from datasets.base import DATASETS, ArrayDataset
+from cambench.datasets.base import DATASETS, ArrayDataset
 
 NAME = "synth-cxr"
 CLASS_NAMES = ("normal", "opacity")

@@ -24,9 +24,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from benchmarks.core.checks import PositiveInt
-from benchmarks.core.errors import UserError
-from datasets._draw import (
+from cambench.benchmarks.core.checks import PositiveInt
+from cambench.benchmarks.core.errors import UserError
+from cambench.datasets._draw import (
     DrawnSize,
     Shape,
     blobs,
@@ -37,7 +37,7 @@ from datasets._draw import (
     random_harmonics,
     smooth_noise,
 )
-from datasets.base import DATASETS, ArrayDataset
+from cambench.datasets.base import DATASETS, ArrayDataset
 
 NAME = "synth-histo"
 CLASS_NAMES = ("benign", "tumour")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.core.checks import PositiveInt
-from datasets.base import DATASETS, SPLITS, ArrayDataset, SynthSize, check_split
+from cambench.benchmarks.core.checks import PositiveInt
+from cambench.datasets.base import DATASETS, SPLITS, ArrayDataset, SynthSize, check_split
 
 DEFAULT_SIZES = {"train": 800, "val": 100, "test": 200}
 

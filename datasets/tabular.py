@@ -56,8 +56,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks.core.errors import UserError
-from datasets._io import (
+from cambench.benchmarks.core.errors import UserError
+from cambench.datasets._io import (
     DATA_ROOT_ENV,
     Box,
     Channels,
@@ -74,8 +74,8 @@ from datasets._io import (
     extra_mask_specs,
     locate,
 )
-from datasets._split import DEFAULT_FRACTIONS, split_dataset
-from datasets.base import DATASETS, SPLITS, ArrayDataset
+from cambench.datasets._split import DEFAULT_FRACTIONS, split_dataset
+from cambench.datasets.base import DATASETS, SPLITS, ArrayDataset
 
 if TYPE_CHECKING:
     import pandas as pd

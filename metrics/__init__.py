@@ -4,7 +4,7 @@ module in it; ``METRICS`` is the registry."""
 import importlib
 import pkgutil
 
-from metrics.base import METRICS, MetricContext, MetricInfo, Scores
+from cambench.metrics.base import METRICS, MetricContext, MetricInfo, Scores
 
 for _mod in pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_"):

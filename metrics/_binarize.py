@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.core.errors import UserError
+from cambench.benchmarks.core.errors import UserError
 
 Threshold = str | float
 

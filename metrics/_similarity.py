@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.core.errors import UserError
+from cambench.benchmarks.core.errors import UserError
 
 
 def _check(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor | None) -> None:

@@ -52,19 +52,19 @@ from captum.robust import FGSM, PGD
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from benchmarks.core.checks import NonNegativeFloat, PositiveFloat, PositiveInt, Range
-from benchmarks.core.errors import UserError
-from cams.base import upsample
-from cams.hooks import attach_tap, model_guard, resolve_layer
-from metrics._similarity import (
+from cambench.benchmarks.core.checks import NonNegativeFloat, PositiveFloat, PositiveInt, Range
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams.base import upsample
+from cambench.cams.hooks import attach_tap, model_guard, resolve_layer
+from cambench.metrics._similarity import (
     center_of_mass,
     center_of_mass_distance,
     resolve_k,
     spearman,
     topk_intersection,
 )
-from metrics.base import METRICS, MetricContext, Scores
-from metrics.robustness import explain_batched, predicted, require_explainer
+from cambench.metrics.base import METRICS, MetricContext, Scores
+from cambench.metrics.robustness import explain_batched, predicted, require_explainer
 
 Attack = Literal["fgsm", "pgd"]
 Surrogate = Literal["gradcam", "saliency"]

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.core.registry import Registry
-from cams.base import ForwardInLayout
+from cambench.benchmarks.core.registry import Registry
+from cambench.cams.base import ForwardInLayout
 
 Kind = Literal[
     "faithfulness", "localization", "robustness", "sanity", "adversarial", "cost", "complexity"

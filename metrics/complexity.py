@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from metrics.base import METRICS, MetricContext, Scores
+from cambench.metrics.base import METRICS, MetricContext, Scores
 
 
 def gini_index(maps: torch.Tensor) -> torch.Tensor:

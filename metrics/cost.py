@@ -35,9 +35,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from benchmarks.core.checks import NonNegativeInt, PositiveInt
-from benchmarks.core.errors import NotApplicable
-from metrics.base import METRICS, MetricContext, Scores
+from cambench.benchmarks.core.checks import NonNegativeInt, PositiveInt
+from cambench.benchmarks.core.errors import NotApplicable
+from cambench.metrics.base import METRICS, MetricContext, Scores
 
 
 def _sync(device: torch.device) -> None:

@@ -39,11 +39,11 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 
-from benchmarks.core.checks import Range, fits_image
-from benchmarks.core.errors import UserError
-from metrics.base import METRICS, ClassScore, MetricContext, Scores, class_score
-from metrics.faithfulness import region_ranks
-from metrics.perturbations import PerturbationName, SubstrateOptions, get_perturbation
+from cambench.benchmarks.core.checks import Range, fits_image
+from cambench.benchmarks.core.errors import UserError
+from cambench.metrics.base import METRICS, ClassScore, MetricContext, Scores, class_score
+from cambench.metrics.faithfulness import region_ranks
+from cambench.metrics.perturbations import PerturbationName, SubstrateOptions, get_perturbation
 
 Mode = Literal["deletion", "insertion"]
 

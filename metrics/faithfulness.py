@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.core.checks import PositiveInt, fits_image
-from benchmarks.core.errors import UserError
-from metrics.base import METRICS, ClassScore, MetricContext, Scores, class_score
-from metrics.perturbations import PerturbationName, PerturbationOptions, get_perturbation
+from cambench.benchmarks.core.checks import PositiveInt, fits_image
+from cambench.benchmarks.core.errors import UserError
+from cambench.metrics.base import METRICS, ClassScore, MetricContext, Scores, class_score
+from cambench.metrics.perturbations import PerturbationName, PerturbationOptions, get_perturbation
 
 Order = Literal["morf", "lerf"]
 

@@ -44,9 +44,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from benchmarks.core.errors import NotApplicable, UserError
-from metrics._binarize import Threshold, binarize
-from metrics.base import METRICS, MetricContext, Scores
+from cambench.benchmarks.core.errors import NotApplicable, UserError
+from cambench.metrics._binarize import Threshold, binarize
+from cambench.metrics.base import METRICS, MetricContext, Scores
 
 Ties = Literal["share", "all", "any"]
 

@@ -13,8 +13,8 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
-from benchmarks.core.checks import OneOf, OptionsFor
-from benchmarks.core.errors import UserError
+from cambench.benchmarks.core.checks import OneOf, OptionsFor
+from cambench.benchmarks.core.errors import UserError
 
 Perturbation = Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]
 

@@ -47,10 +47,10 @@ import torch
 from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import splu
 
-from benchmarks.core.checks import NonNegativeFloat, Range
-from benchmarks.core.errors import UserError
-from metrics.base import METRICS, ClassScore, MetricContext, Scores, class_score
-from metrics.faithfulness import region_ranks
+from cambench.benchmarks.core.checks import NonNegativeFloat, Range
+from cambench.benchmarks.core.errors import UserError
+from cambench.metrics.base import METRICS, ClassScore, MetricContext, Scores, class_score
+from cambench.metrics.faithfulness import region_ranks
 
 Order = Literal["morf", "lerf"]
 

@@ -42,11 +42,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.core.checks import NonNegativeFloat, OneOf, PositiveFloat, PositiveInt, Range
-from benchmarks.core.errors import NotApplicable, UserError
-from metrics._similarity import SIMILARITIES, spearman, ssim, ssim_or_nan, topk_intersection
-from metrics.base import METRICS, MetricContext, Scores, rebatch
-from metrics.perturbations import blur
+from cambench.benchmarks.core.checks import (
+    NonNegativeFloat,
+    OneOf,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+)
+from cambench.benchmarks.core.errors import NotApplicable, UserError
+from cambench.metrics._similarity import (
+    SIMILARITIES,
+    spearman,
+    ssim,
+    ssim_or_nan,
+    topk_intersection,
+)
+from cambench.metrics.base import METRICS, MetricContext, Scores, rebatch
+from cambench.metrics.perturbations import blur
 
 
 def require_explainer(ctx: MetricContext, metric: str) -> Callable[..., torch.Tensor]:

@@ -56,11 +56,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.core.checks import PositiveInt
-from benchmarks.core.errors import UserError
-from metrics._similarity import spearman, ssim_or_nan
-from metrics.base import METRICS, MetricContext, Scores
-from metrics.robustness import explain_batched, require_explainer
+from cambench.benchmarks.core.checks import PositiveInt
+from cambench.benchmarks.core.errors import UserError
+from cambench.metrics._similarity import spearman, ssim_or_nan
+from cambench.metrics.base import METRICS, MetricContext, Scores
+from cambench.metrics.robustness import explain_batched, require_explainer
 
 Granularity = Literal["module", "block"]
 Summary = Literal["final", "mean"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from metrics.base import MetricContext
-from metrics.faithfulness import abpc, aopc_lerf, aopc_morf, region_ranks
-from metrics.perturbations import gaussian
+from cambench.metrics.base import MetricContext
+from cambench.metrics.faithfulness import abpc, aopc_lerf, aopc_morf, region_ranks
+from cambench.metrics.perturbations import gaussian
 
 pytestmark = pytest.mark.metrics
 

@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from benchmarks.engine.plan import Status, make_plan
-from benchmarks.engine.suite import load_suite
-from benchmarks.models.zoo import MODELS
-from benchmarks.run import main
+from cambench.benchmarks.engine.plan import Status, make_plan
+from cambench.benchmarks.engine.suite import load_suite
+from cambench.benchmarks.models.zoo import MODELS
+from cambench.benchmarks.run import main
 
 pytestmark = pytest.mark.harness
 
@@ -345,8 +345,8 @@ def test_sigterm_stops_the_run_cleanly_and_the_same_command_resumes(tmp_path):
 
 def test_every_option_of_every_registered_entry_has_a_type_the_suite_checks():
     """No option goes unchecked by accident: each has an annotation that evaluates."""
-    from benchmarks.core.checks import hints
-    from benchmarks.engine.suite import option_names, registries
+    from cambench.benchmarks.core.checks import hints
+    from cambench.benchmarks.engine.suite import option_names, registries
 
     missing = [
         f"{kind} {entry.name}: {name}"

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import vgg11
 
-from benchmarks.core.errors import NotApplicable
-from cams import METHODS
+from cambench.benchmarks.core.errors import NotApplicable
+from cambench.cams import METHODS
 
 pytestmark = pytest.mark.methods
 
@@ -196,7 +196,7 @@ def test_cam_not_applicable_without_gap_linear_head():
 
 def test_zoo_gapcnn_equivalence():
     try:
-        from benchmarks.models.zoo import MODELS, build_model
+        from cambench.benchmarks.models.zoo import MODELS, build_model
     except ImportError:
         pytest.skip(
             "benchmarks.models.zoo is not written yet; the equivalence on a zoo model waits for it"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cams import METHODS
-from metrics import METRICS
-from metrics.base import MetricContext
-from metrics.cost import PassCounter, peak_bytes
+from cambench.cams import METHODS
+from cambench.metrics import METRICS
+from cambench.metrics.base import MetricContext
+from cambench.metrics.cost import PassCounter, peak_bytes
 
 
 def ctx_for(model, x, method, **opts) -> MetricContext:

@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from benchmarks.core.errors import UserError
-from datasets import DATASETS, DatasetInfo
-from datasets._io import binarize_mask, prepare_mask, read_masks
+from cambench.benchmarks.core.errors import UserError
+from cambench.datasets import DATASETS, DatasetInfo
+from cambench.datasets._io import binarize_mask, prepare_mask, read_masks
 
 pytestmark = pytest.mark.datasets
 

@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from benchmarks.core.checks import check_options
-from benchmarks.core.errors import UserError
-from benchmarks.engine.plan import needs_reason
-from benchmarks.engine.suite import Component
-from datasets import DATASETS
+from cambench.benchmarks.core.checks import check_options
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.engine.plan import needs_reason
+from cambench.benchmarks.engine.suite import Component
+from cambench.datasets import DATASETS
 
 pytestmark = pytest.mark.datasets
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.core.errors import DataNotFound, UserError
-from datasets import DATASETS
-from datasets.base import SPLITS
+from cambench.benchmarks.core.errors import DataNotFound, UserError
+from cambench.datasets import DATASETS
+from cambench.datasets.base import SPLITS
 
 pytestmark = pytest.mark.datasets
 

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from benchmarks.core.errors import UserError
-from datasets import DATASETS
+from cambench.benchmarks.core.errors import UserError
+from cambench.datasets import DATASETS
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from pandas.testing import assert_frame_equal
 
-from benchmarks.core.errors import UserError
-from benchmarks.engine.executors import _task_cpus, run_groups
-from benchmarks.engine.group import group_specs
-from benchmarks.engine.plan import make_plan
-from benchmarks.engine.suite import Component, filter_suite, load_suite
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.engine.executors import _task_cpus, run_groups
+from cambench.benchmarks.engine.group import group_specs
+from cambench.benchmarks.engine.plan import make_plan
+from cambench.benchmarks.engine.suite import Component, filter_suite, load_suite
 
 pytestmark = pytest.mark.harness
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,14 +160,14 @@ def test_user_error_keeps_its_type_and_other_errors_become_error_cells(
     def bad_checkpoint(spec):
         raise UserError("model gapcnn: checkpoint 'x.pt' does not exist")
 
-    monkeypatch.setattr("benchmarks.engine.executors.run_group", bad_checkpoint)
+    monkeypatch.setattr("cambench.benchmarks.engine.executors.run_group", bad_checkpoint)
     with pytest.raises(UserError, match=r"^model gapcnn: checkpoint 'x.pt' does not exist$"):
         list(run_groups([spec]))
 
     def broken(spec):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("benchmarks.engine.executors.run_group", broken)
+    monkeypatch.setattr("cambench.benchmarks.engine.executors.run_group", broken)
     ((_, result),) = list(run_groups([spec]))
     why = "group gapcnn x synth-lesion failed: ZeroDivisionError: division by zero"
     assert result.error == why and len(result.rows) == 0

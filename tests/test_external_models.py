@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.core.errors import UserError
-from benchmarks.engine.suite import load_suite
-from benchmarks.models.external import auto_layer
-from benchmarks.run import main
-from datasets import DATASETS
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.engine.suite import load_suite
+from cambench.benchmarks.models.external import auto_layer
+from cambench.benchmarks.run import main
+from cambench.datasets import DATASETS
 
 pytestmark = pytest.mark.harness
 
@@ -25,7 +25,7 @@ def _forget_models_named_by_path():
     """A model named by import path is registered on first use: each test leaves the
     registry as it found it, so later tests (the annotation check of every registered
     entry) see the zoo only."""
-    from benchmarks.models.zoo import MODELS
+    from cambench.benchmarks.models.zoo import MODELS
 
     before = set(MODELS.names())
     yield
@@ -179,7 +179,7 @@ def test_imagenet_weights_never_download(tmp_path, monkeypatch):
     body = 'name = "x"\n[models.dn]\nuse = "torchvision:resnet18"\nweights = "imagenet"\n' + DATA
     (tmp_path / "s.toml").write_text(body + "[methods.gradcam]\n[metrics.pointing_game]\n")
     with pytest.raises(UserError, match="not in torch's cache .*nothing is downloaded"):
-        from benchmarks.models.zoo import build_model
+        from cambench.benchmarks.models.zoo import build_model
 
         build_model("torchvision:resnet18", in_channels=1, num_classes=2, weights="imagenet")
 
@@ -211,7 +211,7 @@ def test_auto_layer_is_the_outermost_module_of_the_last_spatial_map():
 def test_a_checkpoint_for_other_input_channels_says_why(tmp_path, capsys):
     """A zoo model's checkpoint trained on RGB given for grey-scale data: the error names
     the tensor and both shapes, not only torch's first line."""
-    from benchmarks.models.zoo import build_model
+    from cambench.benchmarks.models.zoo import build_model
 
     rgb = tmp_path / "rgb.pt"
     torch.save(build_model("gapcnn", in_channels=3, num_classes=2).state_dict(), rgb)
@@ -253,7 +253,7 @@ def test_a_model_trained_on_one_dataset_is_explained_on_another(tmp_path):
     """External validation: ``trained_on`` trains (or reuses) the model of synth-lesion and
     explains it on synth-cxr, "opacity" read as its "lesion" class; the report is the
     model's accuracy on synth-cxr, as a hand evaluation of the same weights finds it."""
-    from benchmarks.models.zoo import build_model
+    from cambench.benchmarks.models.zoo import build_model
 
     out = run(tmp_path, EXTERNAL)
     groups = out / "groups"
@@ -294,7 +294,7 @@ def test_an_evaluation_only_dataset_needs_no_training_split_under_a_checkpoint(t
     checkpoint: nothing is trained, no training split is asked for."""
     from PIL import Image
 
-    from benchmarks.models.zoo import build_model
+    from cambench.benchmarks.models.zoo import build_model
 
     rng = np.random.default_rng(0)
     rows = ["image,label,split"]
@@ -442,7 +442,7 @@ def test_timm_imagenet_weights_come_from_the_local_hugging_face_cache(tmp_path, 
     import timm
     from safetensors.torch import save_file
 
-    from benchmarks.models.zoo import build_model
+    from cambench.benchmarks.models.zoo import build_model
 
     cfg = timm.models.get_pretrained_cfg("resnet18")
     torch.manual_seed(0)
@@ -478,7 +478,7 @@ def test_timm_weights_file_for_another_input_size_says_so(tmp_path):
     embedding does not fit, and the error says so instead of leaving it random."""
     import timm
 
-    from benchmarks.models.zoo import build_model
+    from cambench.benchmarks.models.zoo import build_model
 
     file = tmp_path / "vit.pt"
     torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), file)
@@ -495,7 +495,7 @@ def test_timm_weights_file_for_another_input_size_says_so(tmp_path):
 
 
 def test_monai_has_no_imagenet_weights_to_read():
-    from benchmarks.models.zoo import build_model
+    from cambench.benchmarks.models.zoo import build_model
 
     with pytest.raises(
         UserError, match="MONAI networks have no ImageNet weights.*weights = '<file>'"

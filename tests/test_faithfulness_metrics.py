@@ -16,12 +16,12 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from benchmarks.core.errors import UserError
-from metrics.base import MetricContext
-from metrics.deletion import deletion, insertion, pixels_per_step
-from metrics.faithfulness import aopc_morf
-from metrics.localization import pointing_game
-from metrics.road import linear_imputation, noisy_linear_imputation, road_lerf, road_morf
+from cambench.benchmarks.core.errors import UserError
+from cambench.metrics.base import MetricContext
+from cambench.metrics.deletion import deletion, insertion, pixels_per_step
+from cambench.metrics.faithfulness import aopc_morf
+from cambench.metrics.localization import pointing_game
+from cambench.metrics.road import linear_imputation, noisy_linear_imputation, road_lerf, road_morf
 
 pytestmark = pytest.mark.metrics
 
@@ -489,7 +489,7 @@ def test_forward_batch_size_does_not_change_the_result(metric, options):
 
 def test_reference_size_scales_the_region_as_the_xray_protocol_says():
     """34x34 regions at 224 px: 34 * 28 / 224 = 4.25 -> 4 px at 28 px, 9.7 -> 10 px at 64."""
-    from metrics.faithfulness import scaled_region
+    from cambench.metrics.faithfulness import scaled_region
 
     assert scaled_region(34, 224, 28) == 4 and scaled_region(34, 224, 64) == 10
     assert scaled_region(34, None, 64) == 34 and scaled_region(34, 224, 2) == 1

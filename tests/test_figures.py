@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import benchmarks.reports.figures as figures
-from benchmarks.core.errors import UserError
-from benchmarks.engine.store import CELL_COLUMNS
-from benchmarks.reports.figures import (
+import cambench.benchmarks.reports.figures as figures
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.engine.store import CELL_COLUMNS
+from cambench.benchmarks.reports.figures import (
     RunFolder,
     fig_cam_equivalence,
     main,
@@ -21,7 +21,7 @@ from benchmarks.reports.figures import (
     pareto_front,
     running_aopc,
 )
-from benchmarks.reports.leaderboard import aggregate, to_csv
+from cambench.benchmarks.reports.leaderboard import aggregate, to_csv
 
 pytestmark = pytest.mark.harness
 
@@ -227,8 +227,8 @@ def test_cam_equivalence_of_real_maps_on_a_gap_model(tmp_path):
     # crossings (Grad-CAM upsamples after its ReLU: a mean of ReLUs >= the ReLU of a mean).
     import torch
 
-    from benchmarks.models.zoo import build_model
-    from cams import METHODS
+    from cambench.benchmarks.models.zoo import build_model
+    from cambench.cams import METHODS
 
     root = write_run(tmp_path / "run", curves=False)
     torch.manual_seed(0)

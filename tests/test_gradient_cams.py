@@ -28,8 +28,8 @@ from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 from torchvision.models import densenet121, resnet18
 
-from cams import METHODS
-from cams.gradient_cams import VARIANTS, gradient_cams
+from cambench.cams import METHODS
+from cambench.cams.gradient_cams import VARIANTS, gradient_cams
 
 pytestmark = pytest.mark.methods
 
@@ -401,9 +401,9 @@ def test_bilinear_upsampling_is_captums(models, x):
 def test_shared_pass_gives_each_method_its_maps_from_one_pass(models, x):
     """What the runner does: five gradient CAMs of one batch from one forward + backward,
     each equal to the method called alone."""
-    from cams import METHODS
-    from cams.gradient_cams import SharedPass
-    from metrics.cost import PassCounter
+    from cambench.cams import METHODS
+    from cambench.cams.gradient_cams import SharedPass
+    from cambench.metrics.cost import PassCounter
 
     model = models["resnet18"]
     target = torch.tensor([0, 1, 2, 3])

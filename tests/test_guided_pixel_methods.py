@@ -26,11 +26,11 @@ from captum.attr import (
 )
 from torch import nn
 
-from benchmarks.core.errors import NotApplicable
-from cams import METHODS
-from cams.baselines import image_generator
-from cams.guided import modified_relu_attribution
-from cams.pixel import grid_feature_mask
+from cambench.benchmarks.core.errors import NotApplicable
+from cambench.cams import METHODS
+from cambench.cams.baselines import image_generator
+from cambench.cams.guided import modified_relu_attribution
+from cambench.cams.pixel import grid_feature_mask
 
 pytestmark = [
     pytest.mark.methods,

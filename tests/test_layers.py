@@ -15,9 +15,9 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.core.errors import UserError
-from cams import METHODS
-from cams.hooks import auto_layer_name, resolve_layer
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams import METHODS
+from cambench.cams.hooks import auto_layer_name, resolve_layer
 
 pytestmark = pytest.mark.methods
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.core.errors import NotApplicable, UserError
-from metrics import METRICS, MetricContext
-from metrics._binarize import binarize, fraction_of_max_threshold, otsu_threshold
+from cambench.benchmarks.core.errors import NotApplicable, UserError
+from cambench.metrics import METRICS, MetricContext
+from cambench.metrics._binarize import binarize, fraction_of_max_threshold, otsu_threshold
 
 pytestmark = pytest.mark.metrics
 

@@ -30,9 +30,9 @@ import torch
 from model_hygiene import SmallGapCNN, changes, snapshot
 from torch import nn
 
-from benchmarks.core.errors import NotApplicable
-from cams import METHODS, Explanation
-from cams.hooks import auto_layer_name
+from cambench.benchmarks.core.errors import NotApplicable
+from cambench.cams import METHODS, Explanation
+from cambench.cams.hooks import auto_layer_name
 
 pytestmark = pytest.mark.methods
 

@@ -25,8 +25,8 @@ from captum.attr import Deconvolution, GuidedBackprop
 from skimage.transform import resize
 from torch import nn
 
-from cams import METHODS
-from cams.guided import rectifier_call
+from cambench.cams import METHODS
+from cambench.cams.guided import rectifier_call
 
 pytestmark = [
     pytest.mark.methods,

@@ -28,10 +28,10 @@ import torch
 from model_hygiene import SmallGapCNN, changes, snapshot
 from torch import nn
 
-from benchmarks.core.errors import NotApplicable
-from cams import METHODS
-from datasets import DATASETS
-from metrics import METRICS, MetricContext, Scores
+from cambench.benchmarks.core.errors import NotApplicable
+from cambench.cams import METHODS
+from cambench.datasets import DATASETS
+from cambench.metrics import METRICS, MetricContext, Scores
 
 pytestmark = pytest.mark.metrics
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.core.errors import NotApplicable
-from benchmarks.models.zoo import MODELS, build_model
-from cams import METHODS
+from cambench.benchmarks.core.errors import NotApplicable
+from cambench.benchmarks.models.zoo import MODELS, build_model
+from cambench.cams import METHODS
 
 pytestmark = pytest.mark.harness
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.core.errors import UserError
-from benchmarks.engine.suite import load_suite
-from benchmarks.models.zoo import MODELS
-from benchmarks.run import main
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.engine.suite import load_suite
+from cambench.benchmarks.models.zoo import MODELS
+from cambench.benchmarks.run import main
 
 pytestmark = pytest.mark.harness
 

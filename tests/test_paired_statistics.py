@@ -20,16 +20,16 @@ import torch
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from benchmarks.reports.stats import (
+from cambench.benchmarks.reports.stats import (
     MIN_PAIRS,
     compare_methods,
     detectable_effect,
     holm,
     paired_test,
 )
-from benchmarks.run import main
-from cams import METHODS
-from cams.base import Explanation
+from cambench.benchmarks.run import main
+from cambench.cams import METHODS
+from cambench.cams.base import Explanation
 
 pytestmark = pytest.mark.harness
 
@@ -251,7 +251,7 @@ def test_model_seeds_train_distinct_models_on_the_same_images(tmp_path):
 
 def test_contradicting_deletion_and_insertion_verdicts_are_flagged():
     """Random best on deletion (lower is better) and worst on insertion: flagged."""
-    from benchmarks.reports.leaderboard import aggregate, contradictions
+    from cambench.benchmarks.reports.leaderboard import aggregate, contradictions
 
     rng = np.random.default_rng(5)
     n = 30

@@ -16,8 +16,8 @@ from skimage.transform import resize
 from torch import nn
 from torchvision.models import resnet18
 
-from cams import METHODS
-from cams.rise import rise_masks
+from cambench.cams import METHODS
+from cambench.cams.rise import rise_masks
 
 pytestmark = pytest.mark.methods
 
@@ -490,7 +490,7 @@ def test_a_model_that_cannot_take_channels_last_batches_still_works(name):
 def test_metric_forwards_take_a_model_that_cannot_take_channels_last_batches():
     """``MetricContext.predict`` runs its chunks channels-last on the CPU, contiguous for a
     model that cannot take that, with the logits of a direct forward."""
-    from metrics.base import MetricContext
+    from cambench.metrics.base import MetricContext
 
     torch.manual_seed(0)
     model = ViewHead().eval()

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks.core.errors import DataNotFound, UserError
-from datasets import DATASETS
-from datasets._io import read_image
-from datasets.base import SPLITS
+from cambench.benchmarks.core.errors import DataNotFound, UserError
+from cambench.datasets import DATASETS
+from cambench.datasets._io import read_image
+from cambench.datasets.base import SPLITS
 
 pytestmark = pytest.mark.datasets
 

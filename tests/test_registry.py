@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from benchmarks.core.errors import UnknownNameError, UserError
-from benchmarks.core.registry import Registry, natural_key
+from cambench.benchmarks.core.errors import UnknownNameError, UserError
+from cambench.benchmarks.core.registry import Registry, natural_key
 
 pytestmark = pytest.mark.harness
 

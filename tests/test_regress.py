@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks.engine.suite import SUITES_DIR
-from benchmarks.reports import regress
-from benchmarks.reports.leaderboard import aggregate
-from benchmarks.run import main as run_main
-from cams import METHODS, Explanation
+from cambench.benchmarks.engine.suite import SUITES_DIR
+from cambench.benchmarks.reports import regress
+from cambench.benchmarks.reports.leaderboard import aggregate
+from cambench.benchmarks.run import main as run_main
+from cambench.cams import METHODS, Explanation
 
 pytestmark = pytest.mark.harness
 

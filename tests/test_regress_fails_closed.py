@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from test_regress import DATA, IDS, NET, N, key, toy_values, write_run
 
-from benchmarks.reports import regress
-from benchmarks.reports.leaderboard import aggregate
+from cambench.benchmarks.reports import regress
+from cambench.benchmarks.reports.leaderboard import aggregate
 
 pytestmark = pytest.mark.harness
 

@@ -20,17 +20,17 @@ from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 from torch import nn
 
-from benchmarks.core.errors import UserError
-from cams import METHODS
-from metrics import METRICS
-from metrics._similarity import (
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams import METHODS
+from cambench.metrics import METRICS
+from cambench.metrics._similarity import (
     average_ranks,
     center_of_mass_distance,
     spearman,
     ssim,
     topk_intersection,
 )
-from metrics.adversarial import (
+from cambench.metrics.adversarial import (
     SoftplusReLU,
     attack_inputs,
     explanation_attack,
@@ -38,9 +38,9 @@ from metrics.adversarial import (
     prediction_attack,
     surrogate_maps,
 )
-from metrics.base import MetricContext
-from metrics.robustness import linf_uniform_deltas, max_sensitivity, stability
-from metrics.sanity import model_randomization, randomization_steps
+from cambench.metrics.base import MetricContext
+from cambench.metrics.robustness import linf_uniform_deltas, max_sensitivity, stability
+from cambench.metrics.sanity import model_randomization, randomization_steps
 
 pytestmark = pytest.mark.metrics
 
@@ -317,7 +317,7 @@ def test_max_sensitivity_matches_quantus_on_the_same_noise():
 
 
 def _gapcnn(width: int = 16) -> nn.Module:
-    from benchmarks.models.zoo import build_model
+    from cambench.benchmarks.models.zoo import build_model
 
     torch.manual_seed(0)
     return build_model("gapcnn", in_channels=1, num_classes=2, width=width).eval()
@@ -348,7 +348,7 @@ def test_a_normalization_block_is_randomized_with_the_layer_it_normalizes():
         ("features.0", ["features.1", "features.0"]),
     ]
     # torchvision's VGG-16 (BN): Adebayo et al.'s cascade over its 13 conv and 3 linear layers
-    from benchmarks.models.zoo import build_model
+    from cambench.benchmarks.models.zoo import build_model
 
     vgg = build_model("vgg16_bn", in_channels=1, num_classes=2).eval()
     vgg_blocks = randomization_steps(vgg, x, granularity="block")
@@ -404,8 +404,8 @@ def test_a_model_independent_map_is_flagged_as_insensitive():
 @pytest.fixture(scope="module")
 def trained_gapcnn():
     """A small GAP CNN trained for a few seconds on synth-lesion (100% test accuracy)."""
-    from benchmarks.models.zoo import build_model
-    from datasets import DATASETS
+    from cambench.benchmarks.models.zoo import build_model
+    from cambench.datasets import DATASETS
 
     train = DATASETS.get("synth-lesion").obj("train", image_size=32, n=400)
     test = DATASETS.get("synth-lesion").obj("test", image_size=32, n=16)
@@ -471,8 +471,8 @@ def test_adebayo_finding_on_resnet18_trained_on_busi(tmp_path):
     structure (synth-lesion) a fully random ResNet's Grad-CAM still lights the lesion (0.66
     against 0.50): the finding depends on the data, which is why the curves are stored.
     """
-    from benchmarks.models.training import TrainConfig, get_trained_model
-    from datasets import DATASETS
+    from cambench.benchmarks.models.training import TrainConfig, get_trained_model
+    from cambench.datasets import DATASETS
 
     root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     if not (root / "Dataset_BUSI_with_GT").is_dir():

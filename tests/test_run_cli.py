@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from torch import nn
 
-from benchmarks.core.errors import UserError
-from benchmarks.models.zoo import MODELS, Classifier, Normalize
-from benchmarks.run import main
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.models.zoo import MODELS, Classifier, Normalize
+from cambench.benchmarks.run import main
 
 pytestmark = pytest.mark.harness
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +292,7 @@ def test_missing_real_data_is_skipped_and_named_or_an_error_with_strict(tmp_path
 
 
 def test_per_entry_train_overrides_change_the_model(tmp_path, cache):
-    from benchmarks.engine.suite import load_suite, train_config
+    from cambench.benchmarks.engine.suite import load_suite, train_config
 
     body = SMALL + "[models.gapcnn]\ntrain = { lr = 0.01 }\n"
     body = body.replace("n = 64\n", "n = 64\ntrain = { epochs = 2, lr = 0.5 }\n")
@@ -305,7 +305,7 @@ def test_per_entry_train_overrides_change_the_model(tmp_path, cache):
 
 
 def test_train_on_overrides_one_model_on_one_dataset(tmp_path):
-    from benchmarks.engine.suite import load_suite, train_config
+    from cambench.benchmarks.engine.suite import load_suite, train_config
 
     body = SMALL + (
         "[datasets.phantom]\nuse = 'synth-cxr'\ntrain = { epochs = 5 }\n"

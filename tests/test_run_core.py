@@ -23,13 +23,13 @@ import pandas as pd
 import pytest
 from torch import nn
 
-from benchmarks.engine import executors
-from benchmarks.engine.plan import make_plan
-from benchmarks.engine.suite import load_suite
-from benchmarks.models.zoo import MODELS
-from benchmarks.reports import figures, regress
-from benchmarks.run import main
-from metrics import METRICS, Scores
+from cambench.benchmarks.engine import executors
+from cambench.benchmarks.engine.plan import make_plan
+from cambench.benchmarks.engine.suite import load_suite
+from cambench.benchmarks.models.zoo import MODELS
+from cambench.benchmarks.reports import figures, regress
+from cambench.benchmarks.run import main
+from cambench.metrics import METRICS, Scores
 
 pytestmark = pytest.mark.harness
 
@@ -85,7 +85,7 @@ def resumed(tmp_path_factory, cache):
     log = root / "log.txt"
     with pytest.MonkeyPatch.context() as mp:
         lines: list[str] = []
-        mp.setattr("benchmarks.run.log", lambda message: lines.append(message))
+        mp.setattr("cambench.benchmarks.run.log", lambda message: lines.append(message))
         assert smoke(out, cache) == 0
     log.write_text("\n".join(lines))
     assert smoke(fresh, cache) == 0
@@ -149,7 +149,7 @@ def test_a_failing_group_becomes_error_cells_and_the_others_run(tmp_path, cache,
             raise RuntimeError("planted failure")
         return real(spec)
 
-    monkeypatch.setattr("benchmarks.engine.executors.run_group", planted)
+    monkeypatch.setattr("cambench.benchmarks.engine.executors.run_group", planted)
     assert main(args) == 1
     m = manifest(out)
     assert m["status"] == "finished with errors"
@@ -165,7 +165,7 @@ def test_a_failing_group_becomes_error_cells_and_the_others_run(tmp_path, cache,
     assert "error [" in (out / "leaderboard.md").read_text()
 
     # the failed group is computed again, the other reused
-    monkeypatch.setattr("benchmarks.engine.executors.run_group", real)
+    monkeypatch.setattr("cambench.benchmarks.engine.executors.run_group", real)
     assert main(args) == 0
     m = manifest(out)
     assert m["status"] == "finished"

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks.engine import group
-from benchmarks.engine.group import GroupState, SameMaps
-from benchmarks.engine.suite import Component
-from benchmarks.run import main
-from metrics import METRICS, MetricContext
+from cambench.benchmarks.engine import group
+from cambench.benchmarks.engine.group import GroupState, SameMaps
+from cambench.benchmarks.engine.suite import Component
+from cambench.benchmarks.run import main
+from cambench.metrics import METRICS, MetricContext
 
 pytestmark = pytest.mark.harness
 
@@ -94,7 +94,7 @@ def test_equal_maps_are_scored_once_and_agree_with_a_recomputation(tmp_path, cac
 def test_scale_free_metrics_ignore_a_positive_factor(name):
     """The property the sharing rests on, on a random model, random maps and half-empty
     masks: a map times a positive factor scores what the map scores."""
-    from benchmarks.models.zoo import build_model
+    from cambench.benchmarks.models.zoo import build_model
 
     torch.manual_seed(0)
     model = build_model("gapcnn", in_channels=1, num_classes=2, width=8).eval()

@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.core.errors import UserError
-from benchmarks.core.files import WriteError, atomic_write
-from benchmarks.engine import store as store_module
-from benchmarks.engine.store import (
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.core.files import WriteError, atomic_write
+from cambench.benchmarks.engine import store as store_module
+from cambench.benchmarks.engine.store import (
     CELL_COLUMNS,
     CURVE_COLUMNS,
     ROW_COLUMNS,
@@ -328,8 +328,8 @@ def _contender(root: str, start, done, results, rounds: int, slow: bool) -> None
     import random
     import time
 
-    from benchmarks.core.errors import UserError
-    from benchmarks.engine import store as module
+    from cambench.benchmarks.core.errors import UserError
+    from cambench.benchmarks.engine import store as module
 
     if slow:
         read, link = module._read_lock, os.link
@@ -419,7 +419,7 @@ def test_a_full_disk_at_the_rename_keeps_the_old_file(tmp_path, monkeypatch):
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("benchmarks.core.files.os.replace", full)
+    monkeypatch.setattr("cambench.benchmarks.core.files.os.replace", full)
     with pytest.raises(UserError) as info:
         atomic_write(path, "new", fix="use another --out")
     assert (
@@ -538,7 +538,7 @@ def test_a_read_only_folder_is_a_user_error_and_keeps_its_files(store):
 
 
 def test_the_cli_exits_2_with_one_line_naming_the_folder(tmp_path, capsys):
-    from benchmarks.run import main
+    from cambench.benchmarks.run import main
 
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -19,10 +19,10 @@ from skimage.draw import disk as sk_disk
 from skimage.draw import ellipse as sk_ellipse
 from sklearn.linear_model import LogisticRegression
 
-from benchmarks.core.errors import UserError
-from datasets import DATASETS, _draw
-from datasets import synth_cxr as cxr
-from datasets import synth_histo as histo
+from cambench.benchmarks.core.errors import UserError
+from cambench.datasets import DATASETS, _draw
+from cambench.datasets import synth_cxr as cxr
+from cambench.datasets import synth_histo as histo
 
 pytestmark = pytest.mark.datasets
 

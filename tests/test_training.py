@@ -5,8 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.models.training import TrainConfig, classification_report, get_trained_model
-from datasets import DATASETS
+from cambench.benchmarks.models.training import (
+    TrainConfig,
+    classification_report,
+    get_trained_model,
+)
+from cambench.datasets import DATASETS
 
 pytestmark = pytest.mark.harness
 CFG = TrainConfig(epochs=1, batch_size=32)
@@ -99,7 +103,7 @@ def test_user_checkpoint_is_loaded_not_trained(tmp_path):
     ],
 )
 def test_bad_user_checkpoint_is_one_clear_error(tmp_path, content, needle):
-    from benchmarks.core.errors import UserError
+    from cambench.benchmarks.core.errors import UserError
 
     path = tmp_path / "bad.pt"
     if isinstance(content, bytes):

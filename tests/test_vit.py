@@ -30,11 +30,11 @@ import torch
 from model_hygiene import changes, snapshot
 from torch import nn
 
-from benchmarks.core.errors import NotApplicable, UserError
-from benchmarks.models.external import auto_layer
-from cams import METHODS
-from cams.gradient_cams import VARIANTS, LayerGrad, layer_gradient
-from cams.hooks import auto_layer_name
+from cambench.benchmarks.core.errors import NotApplicable, UserError
+from cambench.benchmarks.models.external import auto_layer
+from cambench.cams import METHODS
+from cambench.cams.gradient_cams import VARIANTS, LayerGrad, layer_gradient
+from cambench.cams.hooks import auto_layer_name
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("pytorch_grad_cam")

@@ -20,15 +20,15 @@ read, before any model is trained.
 >>> check_value("four", PositiveInt, "region")
 Traceback (most recent call last):
 ...
-benchmarks.core.errors.UserError: region = 'four': expected a whole number >= 1
+cambench.benchmarks.core.errors.UserError: region = 'four': expected a whole number >= 1
 >>> check_value(0, PositiveInt, "epochs")
 Traceback (most recent call last):
 ...
-benchmarks.core.errors.UserError: epochs = 0: must be >= 1
+cambench.benchmarks.core.errors.UserError: epochs = 0: must be >= 1
 >>> check_value("foo", Literal["predicted", "label"], "target")
 Traceback (most recent call last):
 ...
-benchmarks.core.errors.UserError: target = 'foo': expected one of 'predicted', 'label'
+cambench.benchmarks.core.errors.UserError: target = 'foo': expected one of 'predicted', 'label'
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
-from benchmarks.core.errors import UserError
+from cambench.benchmarks.core.errors import UserError
 
 
 @dataclass(frozen=True)

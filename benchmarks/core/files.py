@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.core.errors import UserError
+from cambench.benchmarks.core.errors import UserError
 
 TEMP_GLOB = ".*.tmp"  # what a killed atomic write leaves behind
 ELSEWHERE = "write to another folder"  # the fix a write error suggests unless told another

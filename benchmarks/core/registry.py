@@ -18,7 +18,7 @@ close matches; listing takes shell-style wildcards and exclusions, sorted natura
 >>> reg.get("gradcam+")
 Traceback (most recent call last):
 ...
-benchmarks.core.errors.UnknownNameError: Unknown method 'gradcam+'. Did you mean: gradcam? Available: gradcam
+cambench.benchmarks.core.errors.UnknownNameError: Unknown method 'gradcam+'. Did you mean: gradcam? Available: gradcam
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from benchmarks.core.errors import UnknownNameError
+from cambench.benchmarks.core.errors import UnknownNameError
 
 InfoT = TypeVar("InfoT")
 ObjT = TypeVar("ObjT", bound=Callable[..., Any])

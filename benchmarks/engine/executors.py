@@ -28,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +38,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.core.errors import UserError
-from benchmarks.engine.group import GroupResult, GroupSpec, failed_result, run_group
-from benchmarks.engine.progress import log
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.engine.group import GroupResult, GroupSpec, failed_result, run_group
+from cambench.benchmarks.engine.progress import log
 
 EXECUTORS = ("local", "ray")
 PROBE_TIMEOUT_S = 5.0  # an address that does not answer in this time is unreachable
@@ -142,6 +144,22 @@ def _probe(address: str) -> None:
         ) from None
 
 
+def _staged_code() -> str:
+    """A folder ``cambench/`` holding copies of the four packages this process runs, for
+    Ray's ``py_modules``: the workers import ``cambench.*`` as this checkout has it (a Ray
+    module must be one folder; the packages are installed under one namespace, not in one
+    folder of the checkout)."""
+    from cambench import benchmarks, cams, datasets, metrics
+
+    stage = Path(tempfile.mkdtemp(prefix="cambench-ray-")) / "cambench"
+    for package in (benchmarks, cams, datasets, metrics):
+        source = Path(package.__file__).parent
+        shutil.copytree(
+            source, stage / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    return str(stage)
+
+
 def _connect(ray, *, address: str | None, num_cpus: int | None) -> bool:
     """Start or join Ray unless the caller already did; True if this call started it."""
     if ray.is_initialized():
@@ -157,21 +175,12 @@ def _connect(ray, *, address: str | None, num_cpus: int | None) -> bool:
         options.update(address="local", num_cpus=num_cpus)
     else:
         _probe(address)
-        import benchmarks
-        import cams
-        import datasets
-        import metrics
-
-        # the cluster runs this checkout's code, whatever version its nodes have installed
-        options.update(
-            address=address,
-            runtime_env={
-                "py_modules": [benchmarks, cams, datasets, metrics],
-                "excludes": ["__pycache__", "*.pyc"],
-            },
-        )
+        options.update(address=address)
+    # the workers run this checkout's code, whatever version their machine has installed
+    staged = _staged_code()
+    options.update(runtime_env={"py_modules": [staged]})
     try:
-        ray.init(**options)
+        ray.init(**options)  # packs and uploads the staged folder: no longer needed after
     except Exception as exc:
         detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         if _needs_token(exc):
@@ -180,6 +189,8 @@ def _connect(ray, *, address: str | None, num_cpus: int | None) -> bool:
             )
         what = f"--ray-address {address}: could not join Ray" if address else "Ray did not start"
         raise UserError(f"{what} ({detail})") from None
+    finally:
+        shutil.rmtree(Path(staged).parent, ignore_errors=True)
     return True
 
 

@@ -31,20 +31,20 @@ import pandas as pd
 import torch
 from torch import nn
 
-from benchmarks.core.checks import image_problem
-from benchmarks.core.errors import DataNotFound, NotApplicable, UserError
-from benchmarks.engine.plan import Cell, GroupPlan, Status
-from benchmarks.engine.progress import Progress, log
-from benchmarks.engine.store import CELL_COLUMNS, CURVE_COLUMNS, ROW_COLUMNS
-from benchmarks.engine.suite import Component, option_names
-from benchmarks.models.external import AUTO, auto_layer
-from benchmarks.models.training import check_finite, evaluate, get_trained_model
-from benchmarks.models.zoo import MODELS
-from cams import METHODS
-from cams.gradient_cams import SharedPass
-from datasets import DATASETS
-from datasets.base import ImageDataset
-from metrics import METRICS, MetricContext, Scores
+from cambench.benchmarks.core.checks import image_problem
+from cambench.benchmarks.core.errors import DataNotFound, NotApplicable, UserError
+from cambench.benchmarks.engine.plan import Cell, GroupPlan, Status
+from cambench.benchmarks.engine.progress import Progress, log
+from cambench.benchmarks.engine.store import CELL_COLUMNS, CURVE_COLUMNS, ROW_COLUMNS
+from cambench.benchmarks.engine.suite import Component, option_names
+from cambench.benchmarks.models.external import AUTO, auto_layer
+from cambench.benchmarks.models.training import check_finite, evaluate, get_trained_model
+from cambench.benchmarks.models.zoo import MODELS
+from cambench.cams import METHODS
+from cambench.cams.gradient_cams import SharedPass
+from cambench.datasets import DATASETS
+from cambench.datasets.base import ImageDataset
+from cambench.metrics import METRICS, MetricContext, Scores
 
 EXAMPLES = 4  # evaluation images kept with every method's maps, for figures
 

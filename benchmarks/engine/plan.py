@@ -34,11 +34,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from benchmarks.core.errors import DataNotFound
-from benchmarks.core.files import file_digest
-from benchmarks.engine.store import group_key
-from benchmarks.engine.suite import Component, EvalConfig, Suite, train_config
-from benchmarks.models.training import TrainConfig
+from cambench.benchmarks.core.errors import DataNotFound
+from cambench.benchmarks.core.files import file_digest
+from cambench.benchmarks.engine.store import group_key
+from cambench.benchmarks.engine.suite import Component, EvalConfig, Suite, train_config
+from cambench.benchmarks.models.training import TrainConfig
 
 FINGERPRINT_FORMAT = 1  # bump when what a group computes changes for every entry
 
@@ -140,7 +140,7 @@ def resolve_data_root(dataset: Component, data_root: str | None) -> str | None:
     """The data directory of a real dataset: the suite entry's ``root``, then --data-root,
     then the dataset's environment variable. Synthetic datasets get None; a real one with
     none of the three raises ``DataNotFound`` saying how to provide it."""
-    from datasets import DATASETS
+    from cambench.datasets import DATASETS
 
     info = DATASETS.get(dataset.use).info
     if info.source != "real":
@@ -164,8 +164,8 @@ def needs_reason(metric: Component, dataset: Component) -> str:
     """Why the metric cannot apply to the dataset: the data it needs (masks, organ masks,
     the further mask its entry names with ``mask``) that the dataset's registry entry says
     it lacks ("" if nothing is missing)."""
-    from datasets import DATASETS
-    from metrics import METRICS
+    from cambench.datasets import DATASETS
+    from cambench.metrics import METRICS
 
     info = DATASETS.get(dataset.use).info
     has = {
@@ -202,7 +202,7 @@ def _data(dataset: Component, data_root: str | None) -> tuple[str, str | None]:
 
 def entry_config(kind: str, entry: Component) -> dict[str, Any]:
     """An entry as it decides results: its resolved suite entry and its registry version."""
-    from benchmarks.engine.suite import registries
+    from cambench.benchmarks.engine.suite import registries
 
     return {**entry.resolved(), "version": registries()[kind].get(entry.use).info.version}
 
@@ -305,7 +305,7 @@ def make_plan(suite: Suite, *, data_root: str | None) -> Plan:
 def format_plan(plan: Plan) -> str:
     """The dry run's report: per group, its data, cell counts and the reasons of cells that
     will not run; then each method's cost in passes."""
-    from cams import METHODS
+    from cambench.cams import METHODS
 
     suite = plan.suite
     lines = [
@@ -341,8 +341,8 @@ def format_plan(plan: Plan) -> str:
 def _hints(group: GroupPlan) -> list[str]:
     """What the zoo's metadata lets the dry run expect of a method on a model; the method
     itself decides at run time (a user's checkpoint or architecture may differ)."""
-    from benchmarks.models.zoo import MODELS
-    from cams import METHODS
+    from cambench.benchmarks.models.zoo import MODELS
+    from cambench.cams import METHODS
 
     if group.model.use not in MODELS or MODELS.get(group.model.use).info.gap_head:
         return []

@@ -54,8 +54,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.core.errors import UserError
-from benchmarks.core.files import (
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.core.files import (
     TEMP_GLOB,
     atomic_write,
     check_writable,
@@ -176,7 +176,7 @@ def entry_metadata(kind: str, use: str) -> dict[str, Any]:
     """What a report needs to know of the method or metric registered as ``use``, from its
     registry record: ``use`` (the canonical name), version, and for metrics kind, ``higher_is_better``,
     ``host_dependent`` and the secondary outputs; for methods the family."""
-    from benchmarks.engine.suite import registries
+    from cambench.benchmarks.engine.suite import registries
 
     entry = registries()[kind].get(use)
     info = entry.info

@@ -47,15 +47,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from benchmarks.core.checks import NonNegativeInt, PositiveInt, check_options, check_value
-from benchmarks.core.errors import UserError
+from cambench.benchmarks.core.checks import NonNegativeInt, PositiveInt, check_options, check_value
+from cambench.benchmarks.core.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-from benchmarks.core.registry import Registry, close_matches
-from benchmarks.models.training import TrainConfig
+from cambench.benchmarks.core.registry import Registry, close_matches
+from cambench.benchmarks.models.training import TrainConfig
 
 SUITES_DIR = Path(__file__).parents[1] / "suites"
 TOP_KEYS = (
@@ -273,10 +273,10 @@ class Suite:
 
 
 def registries() -> dict[str, Registry]:
-    from benchmarks.models.zoo import MODELS
-    from cams import METHODS
-    from datasets import DATASETS
-    from metrics import METRICS
+    from cambench.benchmarks.models.zoo import MODELS
+    from cambench.cams import METHODS
+    from cambench.datasets import DATASETS
+    from cambench.metrics import METRICS
 
     return {"models": MODELS, "datasets": DATASETS, "methods": METHODS, "metrics": METRICS}
 

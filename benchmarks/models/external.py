@@ -69,9 +69,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.core.checks import PositiveFloat, PositiveInt
-from benchmarks.core.errors import UserError
-from cams.hooks import auto_layer_name
+from cambench.benchmarks.core.checks import PositiveFloat, PositiveInt
+from cambench.benchmarks.core.errors import UserError
+from cambench.cams.hooks import auto_layer_name
 
 SOURCES = ("torchvision", "timm", "monai")  # "<source>:<name>"; anything else is module:callable
 AUTO = "auto"
@@ -201,7 +201,7 @@ def load_state(net: nn.Module, state: dict[str, torch.Tensor], source: str, what
 def _torchvision(name: str, what: str):
     tv = _import("torchvision", what)
     if name not in tv.models.list_models(module=tv.models):
-        from benchmarks.core.registry import close_matches
+        from cambench.benchmarks.core.registry import close_matches
 
         hint = close_matches(name, tv.models.list_models(module=tv.models))
         raise UserError(
@@ -280,7 +280,7 @@ def _timm(name: str, what: str):
 
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
-        from benchmarks.core.registry import close_matches
+        from cambench.benchmarks.core.registry import close_matches
 
         hint = close_matches(arch, timm.list_models())
         raise UserError(
@@ -371,7 +371,7 @@ def _monai(name: str, what: str):
     nets = importlib.import_module("monai.networks.nets")
     cls = getattr(nets, name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        from benchmarks.core.registry import close_matches
+        from cambench.benchmarks.core.registry import close_matches
 
         known = [
             n for n, c in vars(nets).items() if isinstance(c, type) and issubclass(c, nn.Module)

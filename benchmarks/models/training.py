@@ -23,18 +23,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from benchmarks.core.checks import (
+from cambench.benchmarks.core.checks import (
     Fraction,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
 )
-from benchmarks.core.errors import UserError
-from benchmarks.core.files import atomic_write, file_digest
-from benchmarks.models.external import read_state_dict
-from benchmarks.models.zoo import MODELS, build_model
-from datasets.base import DATASETS, ImageDataset
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.core.files import atomic_write, file_digest
+from cambench.benchmarks.models.external import read_state_dict
+from cambench.benchmarks.models.zoo import MODELS, build_model
+from cambench.datasets.base import DATASETS, ImageDataset
 
 TRAINING_CODE_VERSION = 2  # 2: channels-last training
 

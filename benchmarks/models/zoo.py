@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmarks.core.checks import PositiveInt
-from benchmarks.core.registry import Entry, Registry
+from cambench.benchmarks.core.checks import PositiveInt
+from cambench.benchmarks.core.registry import Entry, Registry
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ModelRegistry(Registry[ModelInfo]):
 
     def _external(self, name: object) -> None:
         if isinstance(name, str) and ":" in name and name not in self._aliases:
-            from benchmarks.models.external import resolve
+            from cambench.benchmarks.models.external import resolve
 
             build, source = resolve(name)
             self.add(

@@ -41,12 +41,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from benchmarks.core.errors import UserError
-from benchmarks.core.files import atomic_write
-from benchmarks.engine.group import check_device
-from cams import METHODS
-from cams.gradient_cams import gradient_cams
-from metrics.cost import timed
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.core.files import atomic_write
+from cambench.benchmarks.engine.group import check_device
+from cambench.cams import METHODS
+from cambench.cams.gradient_cams import gradient_cams
+from cambench.metrics.cost import timed
 
 CHUNK = 64  # masked images per forward, for every implementation of Score-CAM and occlusion
 WINDOW, STRIDE = 16, 8

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torchvision
 
-from metrics.base import MetricContext
-from metrics.faithfulness import aopc_morf
+from cambench.metrics.base import MetricContext
+from cambench.metrics.faithfulness import aopc_morf
 
 TARGET_VS_FORWARDS = 1.1
 

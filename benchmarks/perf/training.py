@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.models.zoo import build_model
+from cambench.benchmarks.models.zoo import build_model
 
 FORMATS = {"default": torch.contiguous_format, "channels_last": torch.channels_last}
 

@@ -53,10 +53,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.core.errors import UserError
-from benchmarks.core.files import atomic_write
-from benchmarks.engine.store import StoredRun, group_key, read_run, split_group_key, stored_files
-from benchmarks.reports.leaderboard import bootstrap_ci
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.core.files import atomic_write
+from cambench.benchmarks.engine.store import (
+    StoredRun,
+    group_key,
+    read_run,
+    split_group_key,
+    stored_files,
+)
+from cambench.benchmarks.reports.leaderboard import bootstrap_ci
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 MAX_SCATTER_POINTS = 20_000

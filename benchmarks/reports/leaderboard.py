@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.engine.store import CSV_NAME, HOST_CSV_NAME, group_key
-from benchmarks.reports.stats import (
+from cambench.benchmarks.engine.store import CSV_NAME, HOST_CSV_NAME, group_key
+from cambench.benchmarks.reports.stats import (
     ALPHA,
     COMPARISON_COLUMNS,
     MIN_PAIRS,

@@ -88,12 +88,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.core.errors import UserError
-from benchmarks.core.files import atomic_write
-from benchmarks.engine.store import LEADERBOARD
-from benchmarks.engine.store import read_run as read_stored_run
-from benchmarks.reports.leaderboard import KEYS, bootstrap_ci
-from benchmarks.reports.stats import ALPHA, MIN_PAIRS, paired_test
+from cambench.benchmarks.core.errors import UserError
+from cambench.benchmarks.core.files import atomic_write
+from cambench.benchmarks.engine.store import LEADERBOARD
+from cambench.benchmarks.engine.store import read_run as read_stored_run
+from cambench.benchmarks.reports.leaderboard import KEYS, bootstrap_ci
+from cambench.benchmarks.reports.stats import ALPHA, MIN_PAIRS, paired_test
 
 FORMAT = "cambench-regression-baseline/1"
 UNGATED_KINDS = ("cost",)
