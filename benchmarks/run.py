@@ -59,6 +59,8 @@ from cambench.benchmarks.engine.suite import (
     load_suite,
     registries,
 )
+from cambench.benchmarks.reports.conformance import agreement_means, compare_libraries, references
+from cambench.benchmarks.reports.conformance import markdown as conformance_markdown
 from cambench.benchmarks.reports.leaderboard import aggregate, views
 
 LISTABLE = ("methods", "metrics", "datasets", "models", "suites")
@@ -361,6 +363,18 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
         f"dataset {name} skipped: {why}" for name, why in sorted(manifest.skipped_datasets.items())
     ]
     notes += [f"{m} x {d} left out by the suite: {why}" for m, d, why in plan.left_out]
+    # the libraries' implementations beside ours: does the implementation change the verdict?
+    method_uses = {k: meta["use"] for k, meta in manifest.methods.items()}
+    metric_uses = {k: meta["use"] for k, meta in manifest.metrics.items()}
+    sections: list[str] = []
+    if references(method_uses):
+        verdicts = compare_libraries(
+            rows, table, method_uses, families, directions, seed=suite.seed
+        )
+        store.write("conformance.parquet", verdicts)
+        sections = conformance_markdown(
+            verdicts, agreement_means(rows, metric_uses), method_uses
+        )
     # the model comparison of the X-ray study: accuracy, recall, F1 beside AOPC
     aopc = [c.label for c in suite.metrics if c.use == "aopc_morf"]
     compare = next((c.label for c in suite.metrics if c.options.get("correct_only")), None)
@@ -371,8 +385,9 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
         host_metrics=sorted(k for k, meta in manifest.metrics.items() if meta["host_dependent"]),
         reports=reports,
         compare_metric=compare or (aopc[0] if aopc else None),
-        uses={k: meta["use"] for k, meta in manifest.metrics.items()},
+        uses=metric_uses,
         model_seeds={m.label: m.entry for m in suite.model_entries() if m.entry},
+        sections=sections,
     )
     for name, text in files.items():
         store.write(name, text)

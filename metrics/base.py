@@ -25,7 +25,14 @@ from cambench.benchmarks.core.registry import Registry
 from cambench.cams.base import ForwardInLayout
 
 Kind = Literal[
-    "faithfulness", "localization", "robustness", "sanity", "adversarial", "cost", "complexity"
+    "faithfulness",
+    "localization",
+    "robustness",
+    "sanity",
+    "adversarial",
+    "cost",
+    "complexity",
+    "conformance",
 ]
 
 
@@ -33,10 +40,12 @@ Kind = Literal[
 class MetricInfo:
     """Metadata of a registered metric.
 
-    kind: faithfulness, localization, robustness, sanity, adversarial, cost, complexity.
+    kind: faithfulness, localization, robustness, sanity, adversarial, cost, complexity,
+        conformance (agreement with another implementation of the method).
     higher_is_better: direction of the primary output ``value``.
     needs: "masks", "organ_masks", "explainer" (re-explains inputs), "weights" (changes
-        or reads the model's parameters).
+        or reads the model's parameters), "reference" (the maps of the method's reference
+        implementation: ``reference_maps``).
     secondary: (name, higher_is_better) of further outputs besides ``value``.
     host_dependent: the value depends on the machine and its load (a wall-clock time), not
         only on the seed and the inputs, so two runs of one suite give different numbers.
@@ -90,7 +99,10 @@ class MetricContext:
     maps: (B, H, W) float32 explanations of ``target``; logits: (B, n_classes) of ``x``;
     ids: sample ids (seed per-sample random streams); masks/organ_masks: (B, H, W) bool or
     None; explain: re-explains (model, x, target) -> maps with the method under test;
-    batch_size: images per forward pass for metrics that run many forwards.
+    batch_size: images per forward pass for metrics that run many forwards;
+    reference_maps: (B, H, W) maps of the same images by the reference implementation of
+    the method (for ``<method>@<library>``, the suite's own ``<method>``; NaN rows for
+    images it did not explain), or None.
     """
 
     model: nn.Module
@@ -105,6 +117,7 @@ class MetricContext:
     explain: Explainer | None = None
     seed: int = 0
     batch_size: int = 64
+    reference_maps: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from cambench.benchmarks.core.checks import image_problem
 from cambench.benchmarks.core.errors import DataNotFound, NotApplicable, UserError
-from cambench.benchmarks.engine.plan import Cell, GroupPlan, Status
+from cambench.benchmarks.engine.plan import Cell, GroupPlan, Status, reference_of
 from cambench.benchmarks.engine.progress import Progress, log
 from cambench.benchmarks.engine.store import CELL_COLUMNS, CURVE_COLUMNS, ROW_COLUMNS
 from cambench.benchmarks.engine.suite import Component, option_names
@@ -111,6 +112,20 @@ class Batch:
     organ_masks: torch.Tensor | None
     shared: SharedPass
     extra_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    explained: dict[str, torch.Tensor] = field(default_factory=dict)  # method label -> maps
+
+    def reference_maps(self, method: Component, methods: Sequence[Component], n: int):
+        """The maps of the batch's first ``n`` images by ``method``'s reference
+        implementation (``plan.reference_of``), NaN for images it did not explain; None
+        without a reference or when it explained none of this batch."""
+        ref = reference_of(method, methods)
+        maps = None if ref is None else self.explained.get(ref.label)
+        if maps is None:
+            return None
+        if len(maps) >= n:
+            return maps[:n]
+        pad = torch.full((n - len(maps), *maps.shape[1:]), float("nan"), device=maps.device)
+        return torch.cat([maps.to(pad.dtype), pad])
 
     def truth(self, needs: tuple[str, ...], mask: str | None) -> tuple[str, str] | None:
         """For a metric that needs masks: (the context field it reads, the mask kind it
@@ -672,6 +687,7 @@ def score(state: GroupState, prep: Prepared, batch: Batch, m: Component, maps, n
             logits=batch.logits[:n],
             ids=batch.ids[:n],
             **{key: None if v is None else v[:n] for key, v in given_masks.items()},
+            reference_maps=batch.reference_maps(m, plan.methods, n),
             explain=fn,
             seed=plan.seed,
             batch_size=plan.eval.forward_batch,
@@ -730,9 +746,11 @@ def run_group(spec: GroupSpec) -> GroupResult:
     n_batches = -(-len(prep.indices) // plan.eval.batch_size)
     progress = Progress(n_batches * len(plan.methods), plan.name, bar=spec.progress)
     explainers = {m.label: explainer(m, prep.layer, plan.seed) for m in plan.methods}
+    # a reference implementation is explained before the methods compared with it
+    methods = sorted(plan.methods, key=lambda m: reference_of(m, plan.methods) is not None)
     for batch in batches(prep, plan, torch.device(spec.device)):
         state.note_masks(batch)
-        for m in plan.methods:
+        for m in methods:
             n = images_wanted(state, batch, m)
             if n:
                 fn = explainers[m.label]
@@ -740,6 +758,7 @@ def run_group(spec: GroupSpec) -> GroupResult:
                 maps = explain(state, prep, batch, m, n, fn)
                 state.timed(m.label, start)
                 if maps is not None:
+                    batch.explained[m.label] = maps
                     state.keep_examples(batch, m.label, maps)
                     score(state, prep, batch, m, maps, n, fn)
             progress.step(f"batch {batch.index + 1}/{n_batches} {m.label}")

@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -160,6 +160,39 @@ def resolve_data_root(dataset: Component, data_root: str | None) -> str | None:
 MASK_KINDS = {"lesion": "masks", "organ": "organ_masks"}  # a metric entry's mask -> its need
 
 
+def reference_of(method: Component, methods: Sequence[Component]) -> Component | None:
+    """The reference implementation of a method named ``<method>@<library>``: the first
+    entry of ``methods`` that uses the harness's own ``<method>``; None for any other.
+
+    >>> from cambench.benchmarks.engine.suite import Component
+    >>> ours, peer = Component("gradcam", "gradcam"), Component("c", "gradcam@captum")
+    >>> reference_of(peer, [peer, ours]).label, reference_of(ours, [peer, ours])
+    ('gradcam', None)
+    """
+    base, at, _ = method.use.partition("@")
+    if not at:
+        return None
+    return next((m for m in methods if m.use == base), None)
+
+
+def reference_reason(metric: Component, method: Component, methods: Sequence[Component]) -> str:
+    """Why a metric that compares with the reference implementation cannot apply to
+    ``method`` ("" when it can)."""
+    from cambench.metrics import METRICS
+
+    if "reference" not in METRICS.get(metric.use).info.needs:
+        return ""
+    if reference_of(method, methods) is not None:
+        return ""
+    base, at, _ = method.use.partition("@")
+    if at:
+        return f"{metric.label} compares {method.label} with the suite's own {base}: add it"
+    return (
+        f"{metric.label} compares an implementation named <method>@<library> with the "
+        f"suite's own <method>; {method.label} is the harness's own"
+    )
+
+
 def needs_reason(metric: Component, dataset: Component) -> str:
     """Why the metric cannot apply to the dataset: the data it needs (masks, organ masks,
     the further mask its entry names with ``mask``) that the dataset's registry entry says
@@ -213,7 +246,8 @@ def _cells(suite: Suite, mc: Component, dc: Component, data: str) -> tuple[Cell,
     out = []
     for m in suite.methods:
         for k in suite.metrics:
-            status, reason = Status.PLANNED, needs_reason(k, dc)
+            reason = needs_reason(k, dc) or reference_reason(k, m, suite.methods)
+            status = Status.PLANNED
             if reason:
                 status = Status.NOT_APPLICABLE
             elif why := suite.excluded(mc.entry or mc.label, dc.label, m.label, k.label):

@@ -57,6 +57,7 @@ FAMILIES = (  # the leaderboard's tables, in this order; cost has a table of its
     "sanity",
     "adversarial",
     "complexity",
+    "conformance",
     "other",
 )
 UNITS = {  # of the cost metrics, by use
@@ -272,12 +273,14 @@ def to_markdown(
     compare_metric: str | None = None,
     uses: dict[str, str] | None = None,
     model_seeds: dict[str, str] | None = None,
+    sections: list[str] = (),
 ) -> str:
     """Per (dataset, model): the model's report (flagged when it is no better than the
     majority class), one table per metric family with the marks against random, the best
     group in bold and the family's mean rank, the power of its tests, and the cost table;
-    then the findings, written from the statistics; then, with ``compare_metric``, the
-    models' accuracy, recall and F1 beside that metric."""
+    then ``sections`` (further markdown lines: the libraries' conformance); then the
+    findings, written from the statistics; then, with ``compare_metric``, the models'
+    accuracy, recall and F1 beside that metric."""
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes]
     if notes:
@@ -300,6 +303,7 @@ def to_markdown(
             lines += family_table(grp[grp["family"] == "cost"], "cost", footnotes)
         findings += group_findings(grp, dataset, model, flag, uses or {})
     findings += seed_findings(table, model_seeds or {})
+    lines += list(sections)
     if findings:
         lines += ["## Findings", "", *findings, ""]
     if compare_metric:
@@ -728,6 +732,7 @@ def views(
     compare_metric: str | None = None,
     uses: dict[str, str] | None = None,
     model_seeds: dict[str, str] | None = None,
+    sections: list[str] = (),
 ) -> dict[str, str]:
     """The leaderboard's text files, by name, from its numeric table (``aggregate``):
     ``leaderboard.csv`` (reproducible metrics), ``leaderboard-cost.csv`` (host
@@ -747,6 +752,7 @@ def views(
             compare_metric=compare_metric,
             uses=uses,
             model_seeds=model_seeds,
+            sections=sections,
         ),
         "leaderboard.tex": to_latex(table, title=title, reports=reports, notes=notes),
     }
