@@ -200,6 +200,11 @@ def run(args: argparse.Namespace) -> int:
         todo, reused = to_compute(plan, store)
         preflight(todo)
         manifest = new_manifest(suite, run_dir, args, device)
+        for group in plan.groups:  # a method's layer variants: one row each in the reports
+            for m in group.methods:
+                if m.entry and m.entry != m.label:
+                    meta = {**entry_metadata("methods", m.use), "entry": m.entry, "layer": m.layer}
+                    manifest.methods.setdefault(m.label, meta)
         manifest.groups.update(reused)
         store.write("manifest.json", manifest)
         try:

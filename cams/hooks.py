@@ -365,3 +365,76 @@ def token_layer_name(
     width = outputs[candidates[-1]].shape[-1] if candidates[-1] in outputs else None
     wide = [n for n in reached if outputs[n].shape[-1] == width]
     return (wide or reached or candidates)[-1]
+
+
+def stage_layer_names(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The outputs of a network's stages, shallow to deep, for a layer sweep of a model that
+    does not declare them (the zoo's do: ``ModelInfo.stages``), ending at ``auto``'s layer.
+
+    A CNN: for each spatial size its maps take, in order, the last module (outermost of
+    those returning one tensor) whose output is a map of that size, as ``auto_layer_name``
+    counts maps (pools left out); a stride-1 stage that keeps its predecessor's size
+    (ResNet's dilated ``layer4``) is one stage with it. A transformer, whose maps keep one
+    size: the ``auto`` layer at every index of its block sequence (``blocks.0.norm1`` to
+    ``blocks.11.norm1`` for a ViT)."""
+    last = auto_layer_name(model, x)
+    modules = dict(model.named_modules())
+    parts = last.split(".")
+    numeric = [i for i, p in enumerate(parts) if p.isdigit()]
+    layout = map_layout(model)
+    if layout.tokens and numeric:
+        k = numeric[-1]
+        found = []
+        for index in range(len(modules[".".join(parts[:k])])):
+            name = ".".join([*parts[:k], str(index), *parts[k + 1 :]])
+            if name in modules:
+                found.append(name)
+        return found or [last]
+    names = {m: n for n, m in modules.items()}
+    by_size: dict[tuple[int, int], str] = {}
+
+    def record(module: nn.Module, inputs: object, output: object) -> None:
+        if (
+            isinstance(output, torch.Tensor)
+            and output.dim() == 4
+            and module is not model
+            and not isinstance(module, _POOLS)
+            and output.shape[-1] * output.shape[-2] > 1
+        ):
+            size = tuple(output.shape[1:3] if layout.channels_last else output.shape[-2:])
+            by_size.pop(size, None)  # re-inserted: the order is that of the last map per size
+            by_size[size] = names[module]
+
+    with model_guard(model) as handles:
+        for module in names:
+            handles.append(module.register_forward_hook(record))
+        with torch.inference_mode():
+            model(x[:1])
+    stages = [n for n in by_size.values() if n != last]
+    return [*stages, last]
+
+
+def map_sizes(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, list[int]]:
+    """The (h, w) of the map each named layer gives for one image of ``x``, read as the
+    methods read it (tokens on their grid, channels-last permuted): a layer sweep's map
+    resolutions, for its reports. One forward."""
+    modules = dict(model.named_modules())
+    layout = map_layout(model)
+    sizes: dict[str, list[int]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                reading = read_map(output, layout, module, name)
+                shape = (reading[0] if reading else output).shape
+                sizes[name] = [int(shape[-2]), int(shape[-1])] if len(shape) == 4 else []
+
+        return hook
+
+    with model_guard(model) as handles:
+        for name in dict.fromkeys(names):
+            if name in modules:
+                handles.append(modules[name].register_forward_hook(record(name)))
+        with torch.inference_mode():
+            model(x[:1])
+    return sizes

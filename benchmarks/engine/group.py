@@ -43,6 +43,7 @@ from cambench.benchmarks.models.training import check_finite, evaluate, get_trai
 from cambench.benchmarks.models.zoo import MODELS
 from cambench.cams import METHODS
 from cambench.cams.gradient_cams import SharedPass
+from cambench.cams.hooks import map_sizes
 from cambench.datasets import DATASETS
 from cambench.datasets.base import ImageDataset
 from cambench.metrics import METRICS, MetricContext, Scores
@@ -649,7 +650,9 @@ def explain(state: GroupState, prep: Prepared, batch: Batch, m: Component, n: in
     cannot apply or failed: its pending cells then learn why."""
     pending = state.pending(m)
     try:
-        done = batch.shared.explain(m.use, m.options) if n == len(batch.x) else None
+        # the shared gradient pass is at the model's layer: a method at its own layer runs alone
+        shared = n == len(batch.x) and m.layer in (None, prep.layer)
+        done = batch.shared.explain(m.use, m.options) if shared else None
         if done is not None:
             return done.maps
         return fn(prep.model, batch.x[:n], batch.target[:n])
@@ -742,10 +745,14 @@ def run_group(spec: GroupSpec) -> GroupResult:
         prep = prepare(spec)
     except DataNotFound as exc:
         return skipped_result(plan, str(exc))
+    if layers := [m.layer for m in plan.methods if isinstance(m.layer, str)]:
+        # a layer sweep's reports give each layer's map size
+        probe = prep.eval_set[int(prep.indices[0])]["image"][None].to(spec.device)
+        prep.report["layer_sizes"] = map_sizes(prep.model, probe, [prep.layer, *layers])
     state = GroupState(plan)
     n_batches = -(-len(prep.indices) // plan.eval.batch_size)
     progress = Progress(n_batches * len(plan.methods), plan.name, bar=spec.progress)
-    explainers = {m.label: explainer(m, prep.layer, plan.seed) for m in plan.methods}
+    explainers = {m.label: explainer(m, m.layer or prep.layer, plan.seed) for m in plan.methods}
     # a reference implementation is explained before the methods compared with it
     methods = sorted(plan.methods, key=lambda m: reference_of(m, plan.methods) is not None)
     for batch in batches(prep, plan, torch.device(spec.device)):

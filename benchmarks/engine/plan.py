@@ -223,6 +223,88 @@ def needs_reason(metric: Component, dataset: Component) -> str:
     return f"{metric.label} needs {', '.join(missing)}; dataset {dataset.label} has none"
 
 
+PROBE_SIZE = 64  # the probe image's side when the dataset entry gives no int image_size
+
+
+def method_variants(
+    methods: Sequence[Component], model: Component, dataset: Component
+) -> tuple[Component, ...]:
+    """The methods of one (model, dataset) group: a method entry whose ``layer`` names
+    several layers (a list, a pattern, "stages") becomes one variant per layer, labelled
+    ``<label>[<layer>]`` and remembering its entry; one plain name, or none, leaves it as
+    it is. Resolved on the architecture built with random weights (and, for "stages" of
+    a model that declares none, one forward of a probe image): no data is read."""
+    out: list[Component] = []
+    for m in methods:
+        spec = m.layer
+        if spec is None or (isinstance(spec, str) and spec != "stages" and not _pattern(spec)):
+            out.append(m)
+            continue
+        names = _layers(model, dataset, spec)
+        out += [
+            dataclasses.replace(m, label=f"{m.label}[{name}]", layer=name, entry=m.label)
+            for name in names
+        ]
+    return tuple(out)
+
+
+def _pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+_LAYER_CACHE: dict[str, tuple[list[str], tuple[str, ...]]] = {}
+
+
+def _layers(model: Component, dataset: Component, spec: str | list[str]) -> list[str]:
+    """The module names ``spec`` picks in ``model``, in order, each once (``method_variants``)."""
+    import fnmatch
+
+    import torch
+
+    from cambench.benchmarks.core.errors import UserError
+    from cambench.benchmarks.models.zoo import MODELS
+    from cambench.cams.hooks import stage_layer_names
+
+    entry = MODELS.get(model.use)
+    size = dataset.options.get("image_size")
+    size = size if isinstance(size, int) else PROBE_SIZE
+    key = json.dumps([model.use, model.options, size], sort_keys=True, default=str)
+    if key not in _LAYER_CACHE:
+        torch_state = torch.random.get_rng_state()
+        try:
+            net = entry.obj(in_channels=3, num_classes=2, **model.options).eval()
+        finally:
+            torch.random.set_rng_state(torch_state)  # the plan draws nothing
+        names = [n for n, _ in net.named_modules() if n]
+        stages = entry.info.stages or tuple(stage_layer_names(net, torch.zeros(1, 3, size, size)))
+        _LAYER_CACHE[key] = (names, stages)
+    names, stages = _LAYER_CACHE[key]
+    picked: list[str] = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        if item == "stages":
+            found = list(stages)
+        elif _pattern(item):
+            depth = item.count(".")
+            found = [n for n in names if n.count(".") == depth and fnmatch.fnmatchcase(n, item)]
+        else:
+            found = [item] if item in names or item == "" else []
+        if not found and isinstance(spec, str):
+            top = ", ".join(n for n in names if n.count(".") <= 1)[:300]
+            raise UserError(
+                f"layer {item!r} matches no module of model {model.label} ({model.use}); "
+                f"its modules include: {top}"
+            )
+        # an item of a list may name another model's layer: it must match in some model
+        # of the suite (make_plan checks), not in every one
+        picked += [n for n in found if n not in picked]
+    if not picked:
+        raise UserError(
+            f"layer = {spec!r} names no module of model {model.label} ({model.use}); its "
+            f"modules include: {', '.join(n for n in names if n.count('.') <= 1)[:300]}"
+        )
+    return picked
+
+
 def _data(dataset: Component, data_root: str | None) -> tuple[str, str | None]:
     try:
         root = resolve_data_root(dataset, data_root)
@@ -240,21 +322,23 @@ def entry_config(kind: str, entry: Component) -> dict[str, Any]:
     return {**entry.resolved(), "version": registries()[kind].get(entry.use).info.version}
 
 
-def _cells(suite: Suite, mc: Component, dc: Component, data: str) -> tuple[Cell, ...]:
-    methods = {m.label: entry_config("methods", m) for m in suite.methods}
+def _cells(
+    suite: Suite, mc: Component, dc: Component, data: str, methods: Sequence[Component]
+) -> tuple[Cell, ...]:
+    configs = {m.label: entry_config("methods", m) for m in methods}
     metrics = {k.label: entry_config("metrics", k) for k in suite.metrics}
     out = []
-    for m in suite.methods:
+    for m in methods:
         for k in suite.metrics:
-            reason = needs_reason(k, dc) or reference_reason(k, m, suite.methods)
+            reason = needs_reason(k, dc) or reference_reason(k, m, methods)
             status = Status.PLANNED
             if reason:
                 status = Status.NOT_APPLICABLE
-            elif why := suite.excluded(mc.entry or mc.label, dc.label, m.label, k.label):
+            elif why := suite.excluded(mc.entry or mc.label, dc.label, m.entry or m.label, k.label):
                 status, reason = Status.EXCLUDED, why
             if data.startswith("missing"):
                 status, reason = Status.SKIPPED, data
-            config = {"method": methods[m.label], "metric": metrics[k.label]}
+            config = {"method": configs[m.label], "metric": metrics[k.label]}
             out.append(Cell(mc.label, dc.label, m.label, k.label, status, reason, config=config))
     return tuple(out)
 
@@ -302,10 +386,13 @@ def make_plan(suite: Suite, *, data_root: str | None) -> Plan:
     """The plan of a suite: per (dataset, model) group in suite order, its cells with their
     statuses and its fingerprint; reads no data and trains nothing."""
     groups, left_out = [], []
+    used: set[tuple[str, str]] = set()  # (method entry, layer) of every variant made
     for dc in suite.datasets:
         data, root = _data(dc, data_root)
         for mc in suite.model_entries():
-            cells = _cells(suite, mc, dc, data)
+            methods = method_variants(suite.methods, mc, dc)
+            used |= {(m.entry or m.label, m.layer) for m in methods if isinstance(m.layer, str)}
+            cells = _cells(suite, mc, dc, data, methods)
             excluded = [c for c in cells if c.status is Status.EXCLUDED]
             if excluded and all(c.status in LEFT_OUT for c in cells):  # nothing would run
                 left_out.append((mc.label, dc.label, excluded[0].reason))
@@ -316,12 +403,12 @@ def make_plan(suite: Suite, *, data_root: str | None) -> Plan:
                 source_data, source_root = _data(source, data_root)
                 if source_data.startswith("missing"):  # no model without its training data
                     group_data = source_data
-                    cells = _cells(suite, mc, dc, group_data)
+                    cells = _cells(suite, mc, dc, group_data, methods)
                 trained = source
             group = GroupPlan(
                 model=mc,
                 dataset=dc,
-                methods=suite.methods,
+                methods=methods,
                 metrics=suite.metrics,
                 cells=cells,
                 data=group_data,
@@ -333,7 +420,29 @@ def make_plan(suite: Suite, *, data_root: str | None) -> Plan:
                 source_root=source_root,
             )
             groups.append(dataclasses.replace(group, fingerprint=fingerprint(group)))
+    _check_layer_lists(suite, used)
     return Plan(suite, tuple(groups), tuple(left_out))
+
+
+def _check_layer_lists(suite: Suite, used: set[tuple[str, str]]) -> None:
+    """Every plain name of a method's layer list is a layer of some model of the suite."""
+    import fnmatch
+
+    from cambench.benchmarks.core.errors import UserError
+
+    for m in suite.methods:
+        if not isinstance(m.layer, list):
+            continue
+        for item in m.layer:
+            hit = any(
+                entry == m.label and (layer == item or fnmatch.fnmatchcase(layer, item))
+                for entry, layer in used
+            )
+            if not hit and item != "stages":
+                raise UserError(
+                    f"method {m.label}: layer {item!r} names no module of any model of the "
+                    f"suite ({', '.join(mc.label for mc in suite.models)})"
+                )
 
 
 def format_plan(plan: Plan) -> str:
@@ -353,6 +462,9 @@ def format_plan(plan: Plan) -> str:
         counts = g.counts()
         total.update(counts)
         lines.append(f"\n{g.name} ({g.data}): " + _counts_text(counts))
+        variants = [m.label for m in g.methods if m.entry and m.entry != m.label]
+        if variants:
+            lines.append(f"  layer variants: {', '.join(variants)}")
         reasons = Counter(
             (c.status, c.reason)
             for c in g.cells

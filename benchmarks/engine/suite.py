@@ -97,12 +97,14 @@ TOP_TYPES = {  # the types of the top-level values (tables are checked entry by 
 #   datasets: root (data directory), train (TrainConfig overrides for this dataset)
 #   methods, metrics: max_images (the entry sees only the first N evaluation images of each
 #             (model, dataset): for costly methods and metrics; n is reported per cell)
+#   methods: layer (the target layer of a CAM-family method instead of the model's: a name,
+#             a pattern, a list, or "stages"; several layers expand into one variant each)
 #   metrics: mask (the ground truth a localization metric reads: "lesion", "organ" or a
 #             further mask the dataset names)
 ENTRY_KEYS = {
     "models": ("layer", "checkpoint", "train", "train_on", "model_seed", "trained_on", "classes"),
     "datasets": ("root", "train"),
-    "methods": ("max_images",),
+    "methods": ("max_images", "layer"),
     "metrics": ("max_images", "mask"),
 }
 PIPELINE_FIELDS = tuple(dict.fromkeys(key for keys in ENTRY_KEYS.values() for key in keys))
@@ -141,7 +143,11 @@ class Component:
     keyword options of the registered callable, and the pipeline fields the harness reads
     itself (never passed to the callable; each belongs to the kinds ``ENTRY_KEYS`` names).
 
-    layer: target layer of the methods (models; default: the zoo's).
+    layer: target layer of the methods (models; default: the zoo's). On a method of the CAM
+        family: its own target layer, or several, each giving a variant of the method
+        labelled ``<label>[<layer>]``: a list of names, a pattern (``"features.layer*"``:
+        shell wildcards within one dotted segment), or ``"stages"`` (every stage of the
+        model, shallow to deep: ``benchmarks.engine.plan.method_variants``).
     checkpoint: the user's weights for a zoo model, nothing is trained (models).
     train: TrainConfig overrides (models: on every dataset; datasets).
     train_on: dataset label -> TrainConfig overrides for this model on that dataset (models).
@@ -163,7 +169,7 @@ class Component:
     label: str
     use: str
     options: dict[str, Any] = field(default_factory=dict)
-    layer: str | None = None
+    layer: str | list[str] | None = None
     checkpoint: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
     train_on: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -173,7 +179,7 @@ class Component:
     trained_on: str | None = None
     classes: dict[str, str] = field(default_factory=dict)
     mask: str | None = None
-    entry: str | None = None  # the suite entry a model-seed copy came from (its label)
+    entry: str | None = None  # the entry a model-seed copy or a layer variant came from
 
     def pipeline(self) -> dict[str, Any]:
         """The pipeline fields that are set, by name."""
@@ -407,6 +413,8 @@ def _components(
             _config(path, f"{kind}.{label}.train_on.{dataset}", TrainConfig, train)
         if "mask" in opts:
             _check_mask(where, opts["mask"], entry)
+        if "layer" in opts:
+            _check_layer(where, kind, opts["layer"], entry)
         checkpoint = opts.get("checkpoint")
         if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
             raise UserError(
@@ -416,6 +424,23 @@ def _components(
         pipeline = {k: opts.pop(k) for k in ENTRY_KEYS.get(kind, ()) if k in opts}
         out.append(Component(label=label, use=entry.name, options=opts, **pipeline))
     return tuple(out)
+
+
+def _check_layer(where: str, kind: str, layer: Any, entry: Any) -> None:
+    """``layer`` on a model names one layer; on a method, one or several (a list, a pattern,
+    "stages"), and only a method that explains at a layer takes it."""
+    if kind == "models" and not isinstance(layer, str):
+        raise UserError(
+            f"{where} layer = {layer!r}: a model's layer is one name (a string); several "
+            "layers go on a method entry: [methods.gradcam] layer = [...]"
+        )
+    if kind == "methods" and "layer" not in entry.info.needs:
+        raise UserError(
+            f"{where} layer = {layer!r}: {entry.name} explains at no layer; layer applies to "
+            "the CAM family (gradcam, gradcampp, scorecam, ...)"
+        )
+    if isinstance(layer, list) and (not layer or not all(isinstance(n, str) for n in layer)):
+        raise UserError(f"{where} layer = {layer!r}: give one or more layer names")
 
 
 def _check_mask(where: str, mask: str, entry: Any) -> None:

@@ -33,6 +33,9 @@ class ModelInfo:
     version: bump when the architecture or its adaptation changes (invalidates the cache).
     source: where a model named by import path comes from, with its version or the hash of
         its source file (part of the model cache key; see ``benchmarks.models.external``).
+    stages: the dotted names of the outputs of the network's stages, shallow to deep, the
+        last one the default layer: what a method's ``layer = "stages"`` sweeps (a model
+        that declares none gets ``cams.hooks.stage_layer_names``).
     """
 
     default_layer: str
@@ -40,6 +43,7 @@ class ModelInfo:
     family: str = "cnn"
     version: int = 1
     source: str = ""
+    stages: tuple[str, ...] = ()
 
 
 class ModelRegistry(Registry[ModelInfo]):
@@ -106,7 +110,12 @@ def _conv_block(cin: int, cout: int, *, pool: bool) -> list[nn.Module]:
 
 
 @MODELS.register(
-    "gapcnn", aliases=("gap-cnn",), default_layer="features", gap_head=True, family="gap_cnn"
+    "gapcnn",
+    aliases=("gap-cnn",),
+    default_layer="features",
+    gap_head=True,
+    family="gap_cnn",
+    stages=("features.2", "features.6", "features.10", "features"),  # each block's ReLU
 )
 def gapcnn(*, in_channels: int, num_classes: int, width: PositiveInt = 32) -> Classifier:
     """Small CNN, four conv-BN-ReLU blocks (two pooled: the map keeps 1/4 of the input size),
@@ -147,7 +156,12 @@ def _init_like_torchvision(net: nn.Module) -> None:
 
 
 @MODELS.register(
-    "resnet18", default_layer="features.layer4", gap_head=True, family="resnet", version=2
+    "resnet18",
+    default_layer="features.layer4",
+    gap_head=True,
+    family="resnet",
+    version=2,
+    stages=tuple(f"features.layer{i}" for i in range(1, 5)),
 )
 def resnet18(*, in_channels: int, num_classes: int, width: PositiveInt = 64) -> Classifier:
     """torchvision ResNet-18 for small inputs: 3x3 stride-2 stem, no max-pool, ``layer4`` at
@@ -195,7 +209,12 @@ class _DenseHead(nn.Module):
 
 
 @MODELS.register(
-    "densenet121", default_layer="features", gap_head=True, family="densenet", version=2
+    "densenet121",
+    default_layer="features",
+    gap_head=True,
+    family="densenet",
+    version=2,
+    stages=tuple(f"features.denseblock{i}" for i in range(1, 4)) + ("features",),
 )
 def densenet121(*, in_channels: int, num_classes: int, growth: PositiveInt = 32) -> Classifier:
     """torchvision DenseNet-121 for small inputs: 3x3 stride-2 stem, no first pool, no pool in
@@ -215,7 +234,14 @@ def densenet121(*, in_channels: int, num_classes: int, growth: PositiveInt = 32)
     return _torchvision_classifier(net.features, _DenseHead(net.classifier), in_channels)
 
 
-@MODELS.register("vgg16_bn", default_layer="features", gap_head=False, family="vgg")
+@MODELS.register(
+    "vgg16_bn",
+    default_layer="features",
+    gap_head=False,
+    family="vgg",
+    # the ReLU before each of the three pools kept, the end of the fourth block, the last
+    stages=("features.5", "features.12", "features.22", "features.32", "features"),
+)
 def vgg16_bn(
     *, in_channels: int, num_classes: int, hidden: PositiveInt = 512, width: PositiveInt = 64
 ) -> Classifier:

@@ -574,6 +574,67 @@ def fig_robustness(run: RunFolder, model: str, dataset: str, metrics: list[str])
     return fig
 
 
+def layer_sweep(run: RunFolder, model: str, dataset: str) -> tuple[list[str], dict[str, dict]]:
+    """Of a layer sweep in one group: the layers, shallow to deep (the plan's order), and
+    per method entry, layer -> its variant's label; empty when the group has none."""
+    summary = run.summary
+    present = set(summary[(summary["model"] == model) & (summary["dataset"] == dataset)]["method"])
+    layers: list[str] = []
+    entries: dict[str, dict] = {}
+    for label, meta in run.stored.manifest.methods.items():
+        if label in present and meta.get("entry") and meta.get("layer"):
+            layers.append(meta["layer"])
+            entries.setdefault(meta["entry"], {})[meta["layer"]] = label
+    return list(dict.fromkeys(layers)), entries
+
+
+def fig_layers(run: RunFolder, model: str, dataset: str):
+    """Each metric's mean (95% CI) against the target layer, shallow to deep, one line per
+    method of a layer sweep; each tick names the layer and the size of its map."""
+    layers, entries = layer_sweep(run, model, dataset)
+    if not layers:
+        raise Skip(f"no layer sweep in {group_key(model, dataset)}")
+    summary = run.summary
+    group = summary[(summary["model"] == model) & (summary["dataset"] == dataset)]
+    metrics = [
+        k
+        for k in run.order("metrics", group["metric"])
+        if run.metric_info(k).get("kind") not in ("cost", "conformance", None)
+    ]
+    if not metrics:
+        raise Skip(f"no quality metric in {group_key(model, dataset)}")
+    report = (run.stored.manifest.models or {}).get(group_key(model, dataset)) or {}
+    sizes = report.get("layer_sizes") or {}
+    ticks = [
+        f"{layer}\n{'x'.join(map(str, sizes[layer]))}" if sizes.get(layer) else layer
+        for layer in layers
+    ]
+    palette = run.colors
+    fig = _figure(max(4.0, 0.9 * len(layers) + 1.5) * len(metrics), 3.8)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    for ax, metric in zip(axes, metrics, strict=True):
+        cells = group[group["metric"] == metric].set_index("method")
+        for entry, by_layer in entries.items():
+            xs = [i for i, layer in enumerate(layers) if by_layer.get(layer) in cells.index]
+            if not xs:
+                continue
+            rows = cells.loc[[by_layer[layers[i]] for i in xs]]
+            mean = rows["mean"].to_numpy(dtype=np.float64)
+            lo = np.minimum(rows["ci_low"].to_numpy(dtype=np.float64), mean)
+            hi = np.maximum(rows["ci_high"].to_numpy(dtype=np.float64), mean)
+            color = palette[by_layer[layers[xs[-1]]]]
+            ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3,
+                        color=color, label=entry)
+        info = run.metric_info(metric)
+        ax.set_title(f"{metric}{_arrow(info.get('higher_is_better'))}")
+        ax.set_xticks(range(len(layers)), ticks, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel("target layer, shallow to deep (map size)")
+        ax.set_ylabel("mean over images (95% CI)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"layer sweep: {model} on {dataset}")
+    return fig
+
+
 def fig_cam_equivalence(run: RunFolder, model: str, dataset: str):
     """ReLU(CAM) against Grad-CAM, pixel by pixel (min-max per map), with Pearson's r.
 
@@ -731,6 +792,11 @@ def _jobs(run: RunFolder) -> Iterator[tuple[str, Callable[[], Any]]]:
                     f"robustness--{slug(m)}--{slug(d)}",
                     lambda m=m, d=d: fig_robustness(run, m, d, robust),
                 )
+
+    if run.summary is not None:
+        for m, d in groups:
+            if layer_sweep(run, m, d)[0]:
+                yield f"layers--{slug(m)}--{slug(d)}", lambda m=m, d=d: fig_layers(run, m, d)
 
     for m, d in groups:
         yield (
