@@ -61,6 +61,7 @@ from cambench.benchmarks.engine.suite import (
 )
 from cambench.benchmarks.reports.conformance import agreement_means, compare_libraries, references
 from cambench.benchmarks.reports.conformance import markdown as conformance_markdown
+from cambench.benchmarks.reports.layers import markdown as layers_markdown
 from cambench.benchmarks.reports.leaderboard import aggregate, views
 
 LISTABLE = ("methods", "metrics", "datasets", "models", "suites")
@@ -380,6 +381,8 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
         sections = conformance_markdown(
             verdicts, agreement_means(rows, metric_uses), method_uses
         )
+    # a layer sweep: how each metric moves with depth
+    sections += layers_markdown(table, manifest.methods, reports)
     # the model comparison of the X-ray study: accuracy, recall, F1 beside AOPC
     aopc = [c.label for c in suite.metrics if c.use == "aopc_morf"]
     compare = next((c.label for c in suite.metrics if c.options.get("correct_only")), None)

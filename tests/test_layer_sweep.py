@@ -114,6 +114,9 @@ def test_a_sweep_runs_each_layer_and_reports_its_map_size(tmp_path):
     assert report["layer_sizes"] == {
         "features": [8, 8], "features.2": [32, 32], "features.6": [16, 16], "features.10": [8, 8]
     }
+    board = (out / "leaderboard.md").read_text()
+    assert "## Layers: how each metric moves with the target layer" in board
+    assert "| sweep | best " in board
     meta = manifest["methods"]
     assert meta["sweep[features.6]"]["entry"] == "sweep"
     assert meta["sweep[features.6]"]["layer"] == "features.6"
