@@ -102,7 +102,9 @@ def batch(in_channels: int) -> dict:
     with torch.inference_mode():
         logits = model(data["x"])
     target = logits.argmax(1)
-    return {**data, "logits": logits, "target": target, "maps": gradcam(model, data["x"], target)}
+    maps = gradcam(model, data["x"], target)
+    # a reference implementation's maps (for the agreement metric): another map of each image
+    return {**data, "logits": logits, "target": target, "maps": maps, "reference": maps.flip(-1)}
 
 
 def context(
@@ -113,6 +115,7 @@ def context(
     masks: bool = True,
     organ_masks: bool = True,
     explain: bool = True,
+    reference: bool = True,
     batch_size: int = 64,
 ) -> MetricContext:
     b = batch(in_channels)
@@ -129,6 +132,7 @@ def context(
         explain=gradcam if explain else None,
         seed=SEED,
         batch_size=batch_size,
+        reference_maps=b["reference"][rows] if reference else None,
     )
 
 
@@ -261,6 +265,7 @@ def test_missing_need_is_not_applicable(name, need):
         masks=need != "masks",
         organ_masks=need != "organ_masks",
         explain=need != "explainer",
+        reference=need != "reference",
     )
     with pytest.raises(NotApplicable):
         score(name, ctx)
