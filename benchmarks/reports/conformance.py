@@ -11,7 +11,8 @@ a metric's verdict changes with the implementation.
   test (``stats.paired_test``), Holm-adjusted over every (method, metric) test of the
   (dataset, model); and each one's mark against ``random`` from the leaderboard table.
   "differs" when the test finds a difference (adjusted p < 0.05) or the two marks
-  disagree: a reviewer reading either result would not draw the same conclusion; else "no
+  disagree (compared only when both cells scored the same images: a ``max_images`` on one
+  of them makes its mark a test on fewer images): a reviewer reading either result would not draw the same conclusion; else "no
   difference seen" (at this n: not a proof that the implementations agree, the power line
   of the metric's table says how large a difference could hide).
 """
@@ -38,6 +39,7 @@ COLUMNS = [
     "p_adj",
     "mark_library",
     "mark_reference",
+    "same_n",
     "verdict",
 ]
 AGREEMENT = ("value", "top_iou", "max_abs_diff")
@@ -74,7 +76,8 @@ def compare_libraries(
     refs = references(method_uses)
     records = []
     primary = rows[(rows["output"] == "value") & rows["method"].isin([*refs, *refs.values()])]
-    marks = table.set_index(["dataset", "model", "method", "metric"])["vs_random"]
+    indexed = table.set_index(["dataset", "model", "method", "metric"])
+    marks, counts = indexed["vs_random"], indexed["n"]
     for (dataset, model), grp in primary.groupby(["dataset", "model"], sort=True):
         tests = []
         for metric, mg in grp.groupby("metric", sort=True):
@@ -107,6 +110,9 @@ def compare_libraries(
                         p_adj=None,
                         mark_library=str(marks.get((dataset, model, method, metric), "")),
                         mark_reference=str(marks.get((dataset, model, ref, metric), "")),
+                        # marks from tests on other images (a max_images) are not compared
+                        same_n=counts.get((dataset, model, method, metric))
+                        == counts.get((dataset, model, ref, metric)),
                         verdict="",
                     )
                 )
@@ -115,7 +121,9 @@ def compare_libraries(
             record["p_adj"] = np.nan if p is None else p
             if p is None:
                 record["verdict"] = "too few images"
-            elif p < ALPHA or record["mark_library"] != record["mark_reference"]:
+            elif p < ALPHA or (
+                record["same_n"] and record["mark_library"] != record["mark_reference"]
+            ):
                 record["verdict"] = "differs"
             else:
                 record["verdict"] = "no difference seen"
