@@ -88,11 +88,11 @@ def geometry_fits(options: dict, hw: tuple[int, int]) -> None:
     geometry(hw, options["window"], options["stride"])
 
 
-@METHODS.register(
-    "occlusion",
-    family="perturbation",
-    cost="1F + n_windows F (n_windows = (ceil((H-h)/stride)+1) * (ceil((W-w)/stride)+1))",
-)
+# the passes of an occlusion over sliding windows, ours and captum's alike
+COST = "1F + n_windows F (n_windows = (ceil((H-h)/stride)+1) * (ceil((W-w)/stride)+1))"
+
+
+@METHODS.register("occlusion", family="perturbation", cost=COST)
 @fits_image(geometry_fits)
 def occlusion(
     model: nn.Module,

@@ -52,6 +52,7 @@ from cambench.benchmarks.core.checks import PositiveInt, Range, fits_image
 from cambench.benchmarks.core.errors import NotApplicable, UserError
 from cambench.cams.base import METHODS, Explanation, check_target_range, resolve_target, upsample
 from cambench.cams.hooks import map_layout, model_guard, read_map, resolve_layer
+from cambench.cams.occlusion import COST as OCCLUSION_COST
 from cambench.cams.occlusion import geometry, geometry_fits, pair
 from cambench.cams.pixel import reduce_abs_max
 
@@ -238,7 +239,7 @@ def guided_backprop_captum(
 @METHODS.register(
     "occlusion@captum",
     family="perturbation",
-    cost="1F + n_windows F (n_windows = (ceil((H-h)/stride)+1) * (ceil((W-w)/stride)+1))",
+    cost=OCCLUSION_COST,
 )
 @fits_image(geometry_fits)
 def occlusion_captum(

@@ -20,7 +20,6 @@ are); methods and metrics perturb in that space.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 import traceback
 from collections.abc import Sequence
@@ -114,6 +113,9 @@ class Batch:
     shared: SharedPass
     extra_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     explained: dict[str, torch.Tensor] = field(default_factory=dict)  # method label -> maps
+    # per mask kind, which images have a nonempty mask (None: the dataset has none); filled
+    # once per batch and kind by ``present``, read by every method and metric
+    _nonempty: dict[str, np.ndarray | None] = field(default_factory=dict, init=False, repr=False)
 
     def reference_maps(self, method: Component, methods: Sequence[Component], n: int):
         """The maps of the batch's first ``n`` images by ``method``'s reference
@@ -142,12 +144,6 @@ class Batch:
         if kind == "lesion":
             return self.masks
         return self.organ_masks if kind == "organ" else self.extra_masks.get(kind)
-
-    @functools.cached_property
-    def _nonempty(self) -> dict[str, np.ndarray | None]:
-        """Per mask kind, which images have a nonempty mask (None: the dataset has none);
-        computed once per batch and kind, read by every method and metric."""
-        return {}
 
     def present(self, needs: tuple[str, ...], mask: str | None = None) -> np.ndarray | None:
         """For a metric that needs masks: which images have a nonempty one (the images it can
