@@ -380,7 +380,7 @@ def relu_cam_gap(cam: np.ndarray, gradcam: np.ndarray) -> tuple[float, float, tu
     "positive constant (exactly)",
     protocol="A 4-layer GAP CNN and ResNet-18 (quarter width) trained on synth-lesion at "
     "32 px (the paper's derivation is architecture-free; its figures use VGG-16 on "
-    "ImageNet); checked on the maps the run stored (examples.npz: its first 4 evaluation "
+    "ImageNet); checked on the maps the run stored (examples.npz: 4 evaluation "
     "images per model): CAM's layer map recovered through the bilinear upsampling, "
     "rectified, fitted to Grad-CAM with one positive factor; holds if the largest "
     "difference is below 1e-5 of Grad-CAM's largest value",

@@ -37,6 +37,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pandas as pd
+
 from cambench.benchmarks.core.checks import NonNegativeInt, PositiveInt, check_value
 from cambench.benchmarks.core.errors import UserError
 from cambench.benchmarks.core.files import check_writable
@@ -59,10 +61,13 @@ from cambench.benchmarks.engine.suite import (
     load_suite,
     registries,
 )
+from cambench.benchmarks.reports.collect import collect
 from cambench.benchmarks.reports.conformance import agreement_means, compare_libraries, references
 from cambench.benchmarks.reports.conformance import markdown as conformance_markdown
+from cambench.benchmarks.reports.headline import headline_text, legend
+from cambench.benchmarks.reports.html import write_report
 from cambench.benchmarks.reports.layers import markdown as layers_markdown
-from cambench.benchmarks.reports.leaderboard import aggregate, views
+from cambench.benchmarks.reports.leaderboard import views
 
 LISTABLE = ("methods", "metrics", "datasets", "models", "suites")
 PACKAGES = (
@@ -170,6 +175,12 @@ def parser() -> argparse.ArgumentParser:
         help="print the plan (cells, not-applicable ones with reasons, passes) and exit",
     )
     p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write RUN/report.html: one self-contained page of the run's findings, "
+        "leaderboard, figures and maps (python -m benchmarks.report RUN does it later)",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="missing real data is an error (default: skip that dataset and say so)",
@@ -210,11 +221,15 @@ def run(args: argparse.Namespace) -> int:
         store.write("manifest.json", manifest)
         try:
             execute(plan, todo, store, manifest, args, device)
-            errors = publish(plan, store, manifest)
+            errors, table = publish(plan, store, manifest)
         except BaseException as exc:  # interrupted, or bad input found mid-run
             interrupted(store, manifest, exc)
             raise
+    if text := headline_text(table, [m.label for m in suite.methods], title=f"{suite.name}:"):
+        print(f"{text}\n{legend(table)}", flush=True)
     log(f"results: {run_dir}/leaderboard.md")
+    if args.report:
+        log(f"report: {write_report(run_dir)}")
     if errors:
         log(
             f"{errors} cell(s) failed; see the 'error' cells in {run_dir}/cells.parquet and the log above"
@@ -347,16 +362,16 @@ def group_state(result: GroupResult) -> str:
     return "error" if result.error else "computed"
 
 
-def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
+def publish(plan: Plan, store: RunStore, manifest: Manifest) -> tuple[int, pd.DataFrame]:
     """Gather the run's groups, write its tables, leaderboard and final manifest; returns
-    the number of failed cells."""
-    suite, keys = plan.suite, [g.key for g in plan.groups]
-    rows, cells, curves = (store.read(name, keys) for name in ("rows", "cells", "curves"))
+    the number of failed cells and the leaderboard."""
+    suite = plan.suite
+    tables = collect(store, [g.key for g in plan.groups], manifest, suite.seed)
+    rows, cells, curves, table, reports = (
+        tables.rows, tables.cells, tables.curves, tables.table, tables.reports
+    )
     directions = {k: meta["higher_is_better"] for k, meta in manifest.metrics.items()}
     families = {k: meta["kind"] for k, meta in manifest.metrics.items()}
-    randoms = {k for k, meta in manifest.methods.items() if meta.get("use") == "random"}
-    table = aggregate(rows, cells, directions, seed=suite.seed, families=families, randoms=randoms)
-    reports = store.reports(keys)
     for name, frame in (("rows", rows), ("cells", cells), ("curves", curves)):
         store.write(f"{name}.parquet", frame)
     store.write(LEADERBOARD, table)
@@ -406,7 +421,7 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> int:
     manifest.status = "finished with errors" if errors else "finished"
     manifest.models = reports
     store.write("manifest.json", manifest)
-    return errors
+    return errors, table
 
 
 class Terminated(KeyboardInterrupt):

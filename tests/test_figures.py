@@ -1,5 +1,6 @@
 """Paper figures from a run folder: every figure is written as a valid PDF and PNG from a
 small synthetic run folder; the running AOPC and the Pareto front match hand computations;
+the curves' bands are the leaderboard's bootstrap intervals, inside the values' range;
 absent inputs skip their figures with a note and leave the others."""
 
 import doctest
@@ -21,7 +22,7 @@ from cambench.benchmarks.reports.figures import (
     pareto_front,
     running_aopc,
 )
-from cambench.benchmarks.reports.leaderboard import aggregate, to_csv
+from cambench.benchmarks.reports.leaderboard import aggregate, bootstrap_ci, to_csv
 
 pytestmark = pytest.mark.harness
 
@@ -184,12 +185,46 @@ def test_running_aopc_ends_at_the_aopc_of_the_whole_curve():
     np.testing.assert_allclose(out[:, 0], 0.0)
 
 
-def test_mean_band_is_mean_plus_minus_1_96_standard_errors():
-    mean, lo, hi = mean_band(np.array([[1.0, 2.0], [3.0, 4.0]]))
-    # sd (ddof=1) is sqrt(2) in each column, so SE = sqrt(2) / sqrt(2) = 1
-    np.testing.assert_allclose(mean, [2.0, 3.0])
-    np.testing.assert_allclose(hi - mean, [1.959963984540054] * 2)
-    np.testing.assert_allclose(mean - lo, [1.959963984540054] * 2)
+def test_mean_band_is_the_leaderboards_bootstrap_interval_of_each_column():
+    # the same seeded draw of images as bootstrap_ci, so the same interval, column by column
+    values = np.random.default_rng(3).normal(size=(15, 4)) * [1.0, 2.0, 0.1, 5.0]
+    mean, lo, hi = mean_band(values, seed=7)
+    np.testing.assert_allclose(mean, values.mean(axis=0))
+    for j in range(values.shape[1]):
+        np.testing.assert_allclose((lo[j], hi[j]), bootstrap_ci(values[:, j], seed=7), rtol=1e-12)
+
+
+def test_mean_band_agrees_with_scipys_percentile_bootstrap():
+    from scipy.stats import bootstrap
+
+    values = np.random.default_rng(4).exponential(size=(30, 3))
+    mean, lo, hi = mean_band(values, samples=20_000)
+    for j in range(values.shape[1]):
+        ci = bootstrap(
+            (values[:, j],), np.mean, n_resamples=20_000, method="percentile", rng=5
+        ).confidence_interval
+        # two Monte Carlo estimates of the same percentiles: within 5% of the interval
+        tol = 0.05 * (ci.high - ci.low)
+        assert abs(lo[j] - ci.low) < tol and abs(hi[j] - ci.high) < tol
+
+
+def test_mean_band_of_bounded_values_stays_in_their_range():
+    # a Spearman curve near its ceiling: mean + 1.96 SE would pass 1 (1.12 here)
+    rho = np.array([[1.0, -1.0], [1.0, -1.0], [1.0, -1.0], [1.0, -0.98], [0.2, 0.9]])
+    mean, lo, hi = mean_band(rho)
+    se = rho.std(axis=0, ddof=1) / np.sqrt(len(rho))
+    assert (mean + 1.959964 * se)[0] > 1 and (mean - 1.959964 * se)[1] < -1
+    assert np.all(lo >= rho.min(axis=0)) and np.all(hi <= rho.max(axis=0))
+    assert np.all((lo <= mean) & (mean <= hi))
+
+
+def test_mean_band_ignores_nan_and_gives_one_value_its_own_interval():
+    values = np.array([[1.0, np.nan, np.nan], [3.0, 2.0, np.nan], [np.nan, np.nan, np.nan]])
+    mean, lo, hi = mean_band(values)
+    np.testing.assert_allclose(mean[:2], [2.0, 2.0])
+    assert 1.0 <= lo[0] < hi[0] <= 3.0
+    assert lo[1] == hi[1] == 2.0  # one value: the interval is that value
+    assert np.isnan([mean[2], lo[2], hi[2]]).all()  # no value: no interval
 
 
 def test_pareto_front_of_hand_made_points():

@@ -47,7 +47,7 @@ from cambench.datasets import DATASETS
 from cambench.datasets.base import ImageDataset
 from cambench.metrics import METRICS, MetricContext, Scores
 
-EXAMPLES = 4  # evaluation images kept with every method's maps, for figures
+EXAMPLES = 4  # evaluation images kept with every method's maps, for figures (one per class in turn)
 
 
 def _empty(kind: str) -> str:
@@ -471,6 +471,8 @@ class GroupState:
         self.scored: dict[tuple[str, str], list[Any]] = {}  # n, n unscored, why
         self.taken: dict[Any, int] = {}  # images taken so far, per method and per cell
         self.examples: dict[str, np.ndarray] = {}
+        self.examples_batch = -1  # the batch the examples come from, and their positions
+        self.example_index = np.zeros(0, dtype=np.int64)
         self.seconds: dict[str, float] = {}  # wall time per "method" and "method / metric"
         self.mask_areas: list[float] = []
         self.same_maps = SameMaps()
@@ -531,16 +533,34 @@ class GroupState:
             self.cells[(method, k.label)] = self.cells[(method, k.label)].becomes(status, reason)
 
     def keep_examples(self, batch: Batch, method: str, maps: torch.Tensor) -> None:
-        """The first batch's images and masks, and each method's maps of them."""
+        """Examples from the first batch, one per class in turn (``example_indices``): the
+        images, their classes, the prediction and the masks; and each method's maps of them."""
         if not self.examples:
-            k = min(EXAMPLES, len(batch.ids))
-            self.examples["images"] = batch.x[:k].cpu().numpy().astype(np.float32)
-            self.examples["ids"] = np.array(batch.ids[:k], dtype=str)
-            if batch.masks is not None:
-                self.examples["masks"] = batch.masks[:k].cpu().numpy().astype(bool)
-        key, k = f"maps__{method}", len(self.examples["ids"])
-        if key not in self.examples and len(maps) >= k:
-            self.examples[key] = maps[:k].detach().float().cpu().numpy()
+            idx = example_indices(batch.labels.cpu().numpy(), EXAMPLES)
+            at = torch.as_tensor(idx, device=batch.x.device)
+            probs = torch.softmax(batch.logits[at].detach().float(), dim=1)
+            self.examples["images"] = batch.x[at].cpu().numpy().astype(np.float32)
+            self.examples["ids"] = np.array([batch.ids[i] for i in idx], dtype=str)
+            # what the model saw: the true class, the one explained, its prediction and the
+            # softmax probability of each (the report and the figures label rows with them)
+            self.examples["labels"] = batch.labels[at].cpu().numpy().astype(np.int64)
+            self.examples["target"] = batch.target[at].cpu().numpy().astype(np.int64)
+            self.examples["pred"] = probs.argmax(dim=1).cpu().numpy().astype(np.int64)
+            self.examples["probs"] = probs.cpu().numpy().astype(np.float32)
+            for key, masks in (("masks", batch.masks), ("organ_masks", batch.organ_masks)):
+                if masks is not None:
+                    self.examples[key] = masks[at].cpu().numpy().astype(bool)
+            self.examples_batch, self.example_index = batch.index, idx
+        # only the examples' own batch: a method that explained fewer of its images has NaN
+        # for the others (shown as "no map"), never another batch's maps under their ids
+        key, idx = f"maps__{method}", self.example_index
+        if key not in self.examples and batch.index == self.examples_batch:
+            kept = np.full((len(idx), *maps.shape[1:]), np.nan, dtype=np.float32)
+            have = idx < len(maps)
+            kept[have] = (
+                maps[torch.as_tensor(idx[have], device=maps.device)].detach().float().cpu().numpy()
+            )
+            self.examples[key] = kept
 
     def record(self, batch: Batch, n: int, method: str, metric: str, scores) -> None:
         """One metric's scores of the first ``n`` images of the batch: rows, curves, counts."""
@@ -612,6 +632,23 @@ class GroupState:
             },
             examples=self.examples,
         )
+
+
+def example_indices(labels: np.ndarray, k: int) -> np.ndarray:
+    """Positions of ``k`` examples in a batch, every class its turn: the first image of each
+    class (in the order the classes first appear), then the second of each, ...; sorted.
+    So the gallery shows each class (a lesion next to a normal image), not the first k
+    images of whichever class the draw begins with.
+
+    >>> example_indices(np.array([2, 2, 2, 0, 0, 1]), 4).tolist()
+    [0, 1, 3, 5]
+    >>> example_indices(np.array([1, 1]), 4).tolist()
+    [0, 1]
+    """
+    labels = np.asarray(labels)
+    by_class = [np.flatnonzero(labels == c) for c in dict.fromkeys(labels.tolist())]
+    order = [pos[j] for j in range(len(labels)) for pos in by_class if j < len(pos)]
+    return np.sort(np.array(order[:k], dtype=np.int64))
 
 
 def cells_frame(cells: list[Cell]) -> pd.DataFrame:
@@ -766,6 +803,9 @@ def run_group(spec: GroupSpec) -> GroupResult:
                     score(state, prep, batch, m, maps, n, fn)
             progress.step(f"batch {batch.index + 1}/{n_batches} {m.label}")
     progress.close()
+    if state.examples:
+        names = getattr(prep.eval_set, "class_names", ()) or ()
+        state.examples["class_names"] = np.array([str(c) for c in names], dtype=str)
     return state.result(prep.report)
 
 

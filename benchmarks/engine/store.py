@@ -15,8 +15,10 @@ Layout of ``results/<run-id>/``::
                              no_image_scored, error, skipped (see ``plan.Status``)
         model.json           the model's classification report
         fingerprint.json     the hash of what produced the group, and its inputs
-        examples.npz         the first evaluation images, their masks and every method's
-                             maps (images, ids, masks, maps__<method>), for figures
+        examples.npz         4 evaluation images of the first batch, one per class in turn,
+                             and every method's maps of them, for figures and the report:
+                             images, ids, labels, target, pred, probs, class_names, masks,
+                             organ_masks, maps__<method> (NaN where it explained none)
     rows.parquet, curves.parquet, cells.parquet   the run's groups, gathered at the end
     leaderboard.parquet      one row per cell at full precision: the numbers themselves
     leaderboard.md / .csv / .tex   views of it; leaderboard.csv without host measurements

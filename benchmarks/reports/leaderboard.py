@@ -81,6 +81,21 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def mean_rank(ranks: pd.DataFrame) -> pd.Series:
+    """Methods x metrics of ranks (1 = best) -> each method's mean rank over the metrics
+    it was ranked on. A rank of 0 (too few images to rank) or NaN (no result) is left out
+    of that method's mean, not counted as a rank; a method ranked on none gets NaN. The
+    leaderboard's "mean rank" column (within one metric family) and the figures' rank
+    tables (over the metrics they show) both take it from here.
+
+    >>> ranks = pd.DataFrame({"a": [1, 2, 0], "b": [3, None, 0]}, index=["x", "y", "z"])
+    >>> mean_rank(ranks).tolist()
+    [2.0, 2.0, nan]
+    """
+    ranks = ranks.astype(np.float64)
+    return ranks.where(ranks > 0).mean(axis=1, skipna=True)
+
+
 def aggregate(
     rows: pd.DataFrame,
     cells: pd.DataFrame,
@@ -326,14 +341,15 @@ def family_table(fam: pd.DataFrame, family: str, footnotes: dict[str, int]) -> l
     header = "| method | " + " | ".join(f"{m} {'↑' if up else '↓'}" for m, up in metrics)
     lines = [f"### {family}", "", header + (" |" if cost else " | mean rank |")]
     lines.append("|---" * (len(metrics) + (1 if cost else 2)) + "|")
+    ok = fam[fam["status"] == "ok"]
+    means = mean_rank(ok.pivot_table(index="method", columns="metric", values="rank"))
     for method, mg in fam.groupby("method", sort=False):
         cells = []
         for m, _ in metrics:
             row = mg[mg["metric"] == m]
             cells.append(_cell(row.iloc[0], footnotes, cost) if len(row) else "")
-        ok = mg[mg["status"] == "ok"]
-        ranked = ok[ok["rank"] > 0]  # rank 0: too few images to rank
-        rank = "" if cost or not len(ranked) else f"{ranked['rank'].mean():.2f}"
+        mean = means.get(method, np.nan)
+        rank = "" if cost or pd.isna(mean) else f"{mean:.2f}"
         lines.append(f"| {method} | " + " | ".join(cells if cost else [*cells, rank]) + " |")
     lines.append("")
     if cost:
