@@ -57,6 +57,9 @@ def test_the_wheel_holds_nothing_outside_cambench(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"cambench"}
     assert "cambench/benchmarks/suites/medical.toml" in names
+    # the report's template, styles and script (benchmarks.reports.html reads them)
+    for name in ("report.html.j2", "report.css", "report.js"):
+        assert f"cambench/benchmarks/reports/templates/{name}" in names
     assert "cambench/benchmarks/baselines/smoke.json" in names
     assert "cambench/benchmarks/run.py" in names
 
