@@ -34,6 +34,7 @@ import platform
 import signal
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -229,7 +230,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{text}\n{legend(table)}", flush=True)
     log(f"results: {run_dir}/leaderboard.md")
     if args.report:
-        log(f"report: {write_report(run_dir)}")
+        log("writing the report (figures, gallery)")
+        start = time.perf_counter()
+        path = write_report(run_dir)
+        size = path.stat().st_size / 2**20
+        log(f"report: {path} ({size:.1f} MiB, {time.perf_counter() - start:.0f} s)")
     if errors:
         log(
             f"{errors} cell(s) failed; see the 'error' cells in {run_dir}/cells.parquet and the log above"
@@ -367,9 +372,8 @@ def publish(plan: Plan, store: RunStore, manifest: Manifest) -> tuple[int, pd.Da
     the number of failed cells and the leaderboard."""
     suite = plan.suite
     tables = collect(store, [g.key for g in plan.groups], manifest, suite.seed)
-    rows, cells, curves, table, reports = (
-        tables.rows, tables.cells, tables.curves, tables.table, tables.reports
-    )
+    rows, cells, table, reports = tables.rows, tables.cells, tables.table, tables.reports
+    curves = tables.curves
     directions = {k: meta["higher_is_better"] for k, meta in manifest.metrics.items()}
     families = {k: meta["kind"] for k, meta in manifest.metrics.items()}
     for name, frame in (("rows", rows), ("cells", cells), ("curves", curves)):

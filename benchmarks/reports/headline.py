@@ -100,6 +100,6 @@ def legend(table: pd.DataFrame) -> str:
     groups = table[["model", "dataset"]].drop_duplicates().shape[0]
     return (
         f"Mean rank within each family over its metrics and {groups} model x dataset "
-        f"group(s) (1 = best); ▲k/n: better than random in k of the n cells a paired test "
-        "could decide (Holm-adjusted p < 0.05); ref: the random baseline."
+        f"group(s) (1 = best); ▲k/n: better than random in k of the n cells tested against it "
+        "(paired test, Holm-adjusted p < 0.05); ref: the random baseline."
     )
