@@ -108,9 +108,11 @@ def png_of_figure(fig) -> bytes:
     no address, not even inside an image."""
     from PIL import Image
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
-    image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    # drawn once on the Agg canvas and read as pixels: encoding a true-colour PNG only to
+    # decode it again took a sixth of the medical report's time
+    fig.set_dpi(FIGURE_DPI)
+    fig.canvas.draw()
+    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
     out = io.BytesIO()
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(out, format="PNG")
     return out.getvalue()
