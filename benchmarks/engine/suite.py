@@ -245,7 +245,7 @@ class Suite:
         if self.model_seeds <= 1:
             return self.models
         return tuple(
-            dataclasses.replace(m, label=f"{m.label}-s{k}", model_seed=k, entry=m.label)
+            dataclasses.replace(m, label=seed_label(m.label, k), model_seed=k, entry=m.label)
             for m in self.models
             for k in range(self.model_seeds if m.model_seed is None else 0)
         ) + tuple(m for m in self.models if m.model_seed is not None)
@@ -276,6 +276,16 @@ class Suite:
         return hashlib.sha256(
             json.dumps(self.resolved(), sort_keys=True, default=str).encode()
         ).hexdigest()[:10]
+
+
+def seed_label(entry: str, k: int) -> str:
+    """The label of an entry's model trained from the suite seed + ``k`` (``model_seeds``):
+    ``gapcnn`` -> ``gapcnn-s1``; reports map it back to its entry by this rule.
+
+    >>> seed_label("gapcnn", 1)
+    'gapcnn-s1'
+    """
+    return f"{entry}-s{k}"
 
 
 def registries() -> dict[str, Registry]:

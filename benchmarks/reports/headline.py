@@ -12,15 +12,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cambench.benchmarks.reports.leaderboard import FAMILIES, mean_rank
+from cambench.benchmarks.reports.leaderboard import mean_rank, quality_families
 
 TESTED = ("better", "not distinguishable", "worse")
-
-
-def families_of(table: pd.DataFrame) -> list[str]:
-    """The quality families present, in the leaderboard's order."""
-    present = [f for f in dict.fromkeys(table["family"]) if f != "cost"]
-    return [f for f in FAMILIES if f in present] + [f for f in present if f not in FAMILIES]
 
 
 def headline(table: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
@@ -31,7 +25,7 @@ def headline(table: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFr
     order = list(dict.fromkeys([*(methods or []), *ok["method"]]))
     order = [m for m in order if m in set(ok["method"])]
     records = []
-    for family in families_of(ok):
+    for family in quality_families(ok["family"]):
         fam = ok[ok["family"] == family]
         # methods x (group, metric) cells: the leaderboard's own mean rank, over all of them
         ranks = mean_rank(

@@ -47,6 +47,7 @@ import pandas as pd
 from cambench.benchmarks.core.errors import UserError
 from cambench.benchmarks.core.files import atomic_write
 from cambench.benchmarks.engine.store import RunStore, group_key, read_run, split_group_key
+from cambench.benchmarks.engine.suite import seed_label
 from cambench.benchmarks.reports import figures as F
 from cambench.benchmarks.reports import headline as H
 from cambench.benchmarks.reports.collect import collect, stored_groups
@@ -55,7 +56,6 @@ from cambench.benchmarks.reports.conformance import markdown as conformance_mark
 from cambench.benchmarks.reports.layers import markdown as layers_markdown
 from cambench.benchmarks.reports.leaderboard import (
     CELL_LEGEND,
-    FAMILIES,
     MARKS,
     UNITS,
     group_findings,
@@ -63,6 +63,7 @@ from cambench.benchmarks.reports.leaderboard import (
     model_comparison,
     model_flag,
     power_line,
+    quality_families,
     same_maps_line,
     seed_findings,
 )
@@ -288,12 +289,9 @@ def leaderboard_section(run: F.RunFolder, table: pd.DataFrame) -> list[dict[str,
     """Per (dataset, model): per family, a table of methods x metrics."""
     out = []
     for (dataset, model), grp in table.groupby(["dataset", "model"], sort=True):
-        present = list(dict.fromkeys(grp["family"]))
-        fams = [f for f in FAMILIES if f in present] + [
-            f for f in present if f not in FAMILIES and f != "cost"
-        ]
-        if "cost" in present:
-            fams.append("cost")
+        fams = quality_families(grp["family"]) + (
+            ["cost"] if (grp["family"] == "cost").any() else []
+        )
         tables = []
         for family in fams:
             fam = grp[grp["family"] == family]
@@ -301,10 +299,12 @@ def leaderboard_section(run: F.RunFolder, table: pd.DataFrame) -> list[dict[str,
             metrics = [(k, up[k]) for k in run.order("metrics", up)]
             ok = fam[fam["status"] == "ok"]
             ranks = mean_rank(ok.pivot_table(index="method", columns="metric", values="rank"))
+            by_cell = {(r["method"], r["metric"]): r for r in fam.to_dict("records")}
             rows = []
             for method in run.order("methods", fam["method"]):
-                mg = fam[fam["method"] == method]
-                cells = [metric_cell(mg[mg["metric"] == k], family == "cost") for k, _ in metrics]
+                cells = [
+                    metric_cell(by_cell.get((method, k)), family == "cost") for k, _ in metrics
+                ]
                 rank = None if family == "cost" else ranks.get(method)
                 rank = None if rank is None or not math.isfinite(rank) else float(rank)
                 rows.append(
@@ -332,12 +332,12 @@ def leaderboard_section(run: F.RunFolder, table: pd.DataFrame) -> list[dict[str,
     return out
 
 
-def metric_cell(row: pd.DataFrame, cost: bool) -> dict[str, Any]:
-    """One leaderboard cell: mean [95% CI] (decimals from the interval's width), n, and
-    against random the mark, Holm-adjusted p and median effect with its CI."""
-    if not len(row):
+def metric_cell(r: dict[str, Any] | None, cost: bool) -> dict[str, Any]:
+    """One leaderboard cell from its row of the table (None: no such cell): mean [95% CI]
+    (decimals from the interval's width), n, and against random the mark, Holm-adjusted p
+    and median effect with its CI."""
+    if r is None:
         return dict(text="", sub="", sort="", best=False, status="")
-    r = row.iloc[0]
     if r["status"] != "ok":
         return dict(
             text=r["status"].replace("_", " "),
@@ -399,7 +399,7 @@ def model_seeds(manifest) -> dict[str, str]:
     if n <= 1:
         return {}
     return {
-        f"{label}-s{k}": label
+        seed_label(label, k): label
         for label, opts in (suite.get("models") or {}).items()
         if not (isinstance(opts, dict) and opts.get("model_seed") is not None)
         for k in range(n)

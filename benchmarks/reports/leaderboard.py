@@ -60,6 +60,17 @@ FAMILIES = (  # the leaderboard's tables, in this order; cost has a table of its
     "conformance",
     "other",
 )
+def quality_families(present: Iterable[str]) -> list[str]:
+    """The quality families among ``present`` (cost left out), in the leaderboard's order:
+    ``FAMILIES`` first, then any other in the order given.
+
+    >>> quality_families(["cost", "mine", "localization", "faithfulness"])
+    ['faithfulness', 'localization', 'mine']
+    """
+    present = [f for f in dict.fromkeys(present) if f != "cost"]
+    return [f for f in FAMILIES if f in present] + [f for f in present if f not in FAMILIES]
+
+
 UNITS = {  # of the cost metrics, by use
     "time": "s per image, the median of the metric's repeated timings of its batch",
     "memory": "MiB per batch",
@@ -307,10 +318,7 @@ def to_markdown(
         report = (reports or {}).get(group_key(model, dataset))
         flag = model_flag(report)
         lines += [*model_lines(report, flag), ""]
-        present = list(dict.fromkeys(grp["family"]))
-        for family in [f for f in FAMILIES if f in present] + [
-            f for f in present if f not in FAMILIES and f != "cost"
-        ]:
+        for family in quality_families(grp["family"]):
             lines += family_table(grp[grp["family"] == family], family, footnotes)
             if family == "localization" and (area := (report or {}).get("lesion_area")):
                 lines += [chance_line(area), ""]
